@@ -1,0 +1,265 @@
+//! The command line and configuration: one clap struct per subcommand, every flag with an
+//! environment-variable fallback (contract §1), plus the server's tunables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Shortest `--broadcast-token` accepted: a shorter shared secret is guessable by brute force.
+pub const MIN_BROADCAST_TOKEN_LEN: usize = 16;
+
+/// `orderpush`: pushes Postgres changes to POS terminals over WebSocket.
+#[derive(Debug, Parser)]
+#[command(name = "orderpush", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "ORDERPUSH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: HTTP + WebSocket on one port, plus the Postgres listener.
+    Serve(ServeArgs),
+    /// Apply the embedded database migrations.
+    Migrate(MigrateArgs),
+    /// Manage POS API keys.
+    Keys(KeysArgs),
+    /// Delete retained events older than the retention.
+    Prune(PruneArgs),
+}
+
+/// The database connection, shared by every subcommand that touches it.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Postgres connection URL (libpq format), e.g. postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true, global = true)]
+    pub database_url: Option<tokio_postgres::Config>,
+}
+
+impl DbArgs {
+    /// The configured database, or a clear error naming both ways to set it.
+    pub fn database(&self) -> Result<&tokio_postgres::Config, MissingDatabaseUrl> {
+        self.database_url.as_ref().ok_or(MissingDatabaseUrl)
+    }
+}
+
+/// Neither `--database-url` nor `DATABASE_URL` was given.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no database configured: pass --database-url postgres://USER@HOST:PORT/DB or set DATABASE_URL"
+)]
+pub struct MissingDatabaseUrl;
+
+/// `orderpush serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Address for HTTP and WebSocket.
+    #[arg(long, env = "ORDERPUSH_LISTEN", default_value = "0.0.0.0:9011")]
+    pub listen: SocketAddr,
+    /// Bearer token required by POST /broadcast; without it only loopback callers may broadcast.
+    #[arg(long, env = "ORDERPUSH_BROADCAST_TOKEN", value_parser = parse_token, hide_env_values = true)]
+    pub broadcast_token: Option<String>,
+    /// How long events stay replayable (e.g. 90s, 30m, 24h, 7d).
+    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// Do not apply migrations at start-up (run `orderpush migrate` separately).
+    #[arg(long, env = "ORDERPUSH_NO_MIGRATE")]
+    pub no_migrate: bool,
+}
+
+/// `orderpush migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+}
+
+/// `orderpush keys ...`.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Which key operation.
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+/// The key operations.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a POS API key; prints the key alone on stdout (its id goes to stderr).
+    Create {
+        /// The tenant the key belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// A note for humans, e.g. the till it is installed on.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List keys: id, tenant, label, created, revoked.
+    List {
+        /// Only this tenant's keys.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id; its live connections close within seconds.
+    Revoke {
+        /// The key's public id (see `keys list`).
+        id: String,
+    },
+}
+
+/// `orderpush prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Delete events older than this (e.g. 24h).
+    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub older_than: Duration,
+}
+
+fn parse_database_url(s: &str) -> Result<tokio_postgres::Config, String> {
+    if s.trim().is_empty() {
+        return Err("the database URL is empty".into());
+    }
+    s.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("not a valid Postgres URL: {e}"))
+}
+
+fn parse_token(s: &str) -> Result<String, String> {
+    if s.chars().count() < MIN_BROADCAST_TOKEN_LEN {
+        return Err(format!(
+            "must be at least {MIN_BROADCAST_TOKEN_LEN} characters"
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace or control characters".into());
+    }
+    Ok(s.to_owned())
+}
+
+/// Parses a duration such as `90s`, `30m`, `24h` or `7d` (a whole number and one unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 90s, 30m, 24h or 7d"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => return Err(format!("'{s}' has no unit: use s, m, h or d (e.g. 24h)")),
+    };
+    match secs {
+        Some(0) => Err("the duration must be greater than zero".into()),
+        // Ten years: anything longer is a typo, and interval arithmetic in SQL stays exact.
+        Some(secs) if secs <= 10 * 365 * 86_400 => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("'{s}' is too long (at most 3650d)")),
+    }
+}
+
+/// Intervals, timeouts and queue sizes of a running server. `Default` gives the production
+/// values (the named constants); tests shorten some of them.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How often each socket is pinged (contract: at least every 30 s).
+    pub ping_interval: Duration,
+    /// A socket silent for this long is dropped (contract: 60 s).
+    pub pong_timeout: Duration,
+    /// Bytes of frames a client may have queued before it is disconnected with 1013.
+    pub client_queue_bytes: usize,
+    /// Frames a client may have queued before it is disconnected with 1013.
+    pub client_queue_frames: usize,
+    /// How often connected keys are re-checked for revocation (contract: closed within 5 s).
+    pub revocation_check_interval: Duration,
+    /// How often retention runs in `serve`.
+    pub prune_interval: Duration,
+}
+
+/// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
+pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Contract §5: drop a connection that has not answered for 60 s.
+pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+/// 1 MiB of unsent frames per client, as Centrifugo does: hours of a busy kitchen's normal
+/// traffic, yet 10k stalled clients cannot hold more than 10 GiB (and in practice far less).
+pub const CLIENT_QUEUE_BYTES: usize = 1 << 20;
+/// Frame-count bound alongside the byte bound, so tiny frames cannot pile up without limit.
+pub const CLIENT_QUEUE_FRAMES: usize = 4096;
+/// Revocation must close sockets within 5 s (contract §5); checking every 2 s leaves slack for a
+/// slow query and the close handshake.
+pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Retention is coarse (hours); deleting every 5 minutes keeps each batch small.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            ping_interval: PING_INTERVAL,
+            pong_timeout: PONG_TIMEOUT,
+            client_queue_bytes: CLIENT_QUEUE_BYTES,
+            client_queue_frames: CLIENT_QUEUE_FRAMES,
+            revocation_check_interval: REVOCATION_CHECK_INTERVAL,
+            prune_interval: PRUNE_INTERVAL,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_garbage() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in [
+            "",
+            "24",
+            "h",
+            "0h",
+            "-1h",
+            "1.5h",
+            "24 hours",
+            "99999999999999999999d",
+            "4000d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn short_or_blank_tokens_are_rejected() {
+        assert!(parse_token("short").is_err());
+        assert!(parse_token("has a space in it, long").is_err());
+        assert!(parse_token("0123456789abcdef").is_ok());
+    }
+}

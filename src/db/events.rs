@@ -1,0 +1,169 @@
+//! Queries on the event log (`orderpush.events`) and the per-tenant counters: publishing a
+//! broadcast, replaying a tenant's history, the listener's catch-up scan, and retention.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::{GenericClient, Row};
+
+use super::DbError;
+use crate::event::{Event, Origin};
+
+const EVENT_COLUMNS: &str = "e.tenant_slug, e.id, e.type, e.ts, e.data::text, e.origin, \
+                             extract(epoch FROM e.emitted_at)::float8";
+
+fn event_from_row(row: &Row, tenant: Option<&Arc<str>>) -> Event {
+    let tenant = match tenant {
+        Some(t) => Arc::clone(t),
+        None => Arc::from(row.get::<_, &str>(0)),
+    };
+    let emitted: f64 = row.get(6);
+    Event {
+        tenant,
+        id: row.get(1),
+        kind: row.get(2),
+        timestamp: row.get(3),
+        data: row.get(4),
+        origin: Origin::from_db(row.get(5)),
+        emitted_at: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(emitted.max(0.0)),
+    }
+}
+
+/// One explicit push from `POST /broadcast`, already validated.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    /// Tenant slug.
+    pub tenant: String,
+    /// Event type.
+    pub kind: String,
+    /// The envelope timestamp as given, or `None` to let the database stamp it.
+    pub timestamp: Option<String>,
+    /// `event.data` as JSON text.
+    pub data: String,
+}
+
+/// Appends broadcasts to the log in one transaction, in order. Returns, per broadcast, its id,
+/// or `None` when its tenant does not exist (that one writes nothing; the others still do).
+pub async fn append_broadcasts(
+    client: &mut deadpool_postgres::Object,
+    batch: &[Broadcast],
+) -> Result<Vec<Option<i64>>, DbError> {
+    let tx = client.transaction().await?;
+    let stmt = tx
+        .prepare_cached(
+            "SELECT orderpush.emit(t.slug, $2, $3::text::json, $4, 'broadcast')
+             FROM public.tenants t WHERE t.slug = $1",
+        )
+        .await?;
+    let mut ids = Vec::with_capacity(batch.len());
+    for b in batch {
+        let row = tx
+            .query_opt(&stmt, &[&b.tenant, &b.kind, &b.data, &b.timestamp])
+            .await?;
+        ids.push(row.map(|r| r.get::<_, i64>(0)));
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Every tenant's latest id (`orderpush.tenant_seq`): which tenants have moved.
+pub async fn heads(client: &impl GenericClient) -> Result<Vec<(String, i64)>, DbError> {
+    let rows = client
+        .query("SELECT tenant_slug, seq FROM orderpush.tenant_seq", &[])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A tenant's latest id (0 when it never had an event).
+pub async fn head(client: &impl GenericClient, tenant: &str) -> Result<i64, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT seq FROM orderpush.tenant_seq WHERE tenant_slug = $1",
+            &[&tenant],
+        )
+        .await?;
+    Ok(row.map_or(0, |r| r.get(0)))
+}
+
+/// For each `(tenant, after, upto)`, the events with `after < id <= upto`, ordered by tenant
+/// then id, at most `limit` rows in all. `upto` comes from [`heads`]: every id up to a committed
+/// head is committed too, so the rows returned per tenant are contiguous.
+pub async fn read_ranges(
+    client: &impl GenericClient,
+    ranges: &[(Arc<str>, i64, i64)],
+    limit: i64,
+) -> Result<Vec<Event>, DbError> {
+    let tenants: Vec<&str> = ranges.iter().map(|r| &*r.0).collect();
+    let afters: Vec<i64> = ranges.iter().map(|r| r.1).collect();
+    let uptos: Vec<i64> = ranges.iter().map(|r| r.2).collect();
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS}
+         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS c(tenant, after, upto)
+         JOIN orderpush.events e ON e.tenant_slug = c.tenant AND e.id > c.after AND e.id <= c.upto
+         ORDER BY e.tenant_slug, e.id LIMIT $4"
+    );
+    let rows = client
+        .query(&sql, &[&tenants, &afters, &uptos, &limit])
+        .await?;
+    let mut out: Vec<Event> = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // Share the tenant string among a tenant's consecutive rows.
+        let same = out
+            .last()
+            .filter(|e| *e.tenant == *row.get::<_, &str>(0))
+            .map(|e| Arc::clone(&e.tenant));
+        out.push(event_from_row(row, same.as_ref()));
+    }
+    Ok(out)
+}
+
+/// A tenant's events with `id > after`, in order, at most `limit`.
+pub async fn replay(
+    client: &impl GenericClient,
+    tenant: &Arc<str>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Event>, DbError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM orderpush.events e
+         WHERE e.tenant_slug = $1 AND e.id > $2 ORDER BY e.id LIMIT $3"
+    );
+    let rows = client.query(&sql, &[&&**tenant, &after, &limit]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| event_from_row(r, Some(tenant)))
+        .collect())
+}
+
+/// Rows deleted per retention statement: small enough that each DELETE holds its row locks for
+/// milliseconds and never blocks writers (they never touch old rows anyway).
+pub const PRUNE_BATCH: i64 = 5_000;
+
+/// Deletes events older than `older_than`, in batches. Per tenant only a prefix of ids is ever
+/// deleted (everything up to the newest expired id), so the retained range has no holes even
+/// when commit order and timestamps disagree. Returns the number of rows deleted.
+pub async fn prune(client: &impl GenericClient, older_than: Duration) -> Result<u64, DbError> {
+    let stmt = client
+        .prepare(
+            "WITH cut AS (
+                 SELECT tenant_slug, max(id) AS upto FROM orderpush.events
+                 WHERE emitted_at < now() - $1::float8 * interval '1 second'
+                 GROUP BY tenant_slug),
+             doomed AS (
+                 SELECT e.tenant_slug, e.id FROM orderpush.events e
+                 JOIN cut ON e.tenant_slug = cut.tenant_slug AND e.id <= cut.upto
+                 ORDER BY e.tenant_slug, e.id LIMIT $2)
+             DELETE FROM orderpush.events e USING doomed
+             WHERE e.tenant_slug = doomed.tenant_slug AND e.id = doomed.id",
+        )
+        .await?;
+    let secs = older_than.as_secs_f64();
+    let mut total = 0;
+    loop {
+        let n = client.execute(&stmt, &[&secs, &PRUNE_BATCH]).await?;
+        total += n;
+        if n < PRUNE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The event envelope: one row of the event log and the exact JSON text frame a POS receives.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A trigger on an application table.
+    Db,
+    /// `POST /broadcast`.
+    Broadcast,
+}
+
+impl Origin {
+    /// The value stored in `orderpush.events.origin` and used as a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Db => "db",
+            Origin::Broadcast => "broadcast",
+        }
+    }
+
+    /// Parses the stored value; anything unknown counts as a database event.
+    pub fn from_db(s: &str) -> Self {
+        if s == "broadcast" {
+            Origin::Broadcast
+        } else {
+            Origin::Db
+        }
+    }
+}
+
+/// One committed event, as read from `orderpush.events`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Tenant slug.
+    pub tenant: Arc<str>,
+    /// Per-tenant id: gap-free and in commit order.
+    pub id: i64,
+    /// Event type, e.g. `new_order`.
+    pub kind: String,
+    /// The envelope timestamp, verbatim (stamped by the database or given by the broadcaster).
+    pub timestamp: String,
+    /// The `data` value as JSON text, passed through untouched.
+    pub data: String,
+    /// Trigger or broadcast.
+    pub origin: Origin,
+    /// When the row was written (for the commit-to-send latency metric).
+    pub emitted_at: SystemTime,
+}
+
+impl Event {
+    /// Renders the frame: `{"type","tenant","timestamp","data","id"}` (contract §3). `data` is
+    /// spliced in as stored, so money, key order and nesting reach the POS as written.
+    pub fn to_frame(&self) -> String {
+        envelope(
+            &self.kind,
+            &self.tenant,
+            &self.timestamp,
+            &self.data,
+            self.id,
+        )
+    }
+}
+
+/// Builds an envelope from its parts; `data` must already be valid JSON text.
+pub fn envelope(kind: &str, tenant: &str, timestamp: &str, data: &str, id: i64) -> String {
+    let mut out = String::with_capacity(data.len() + kind.len() + tenant.len() + 96);
+    out.push_str("{\"type\":");
+    push_json_str(&mut out, kind);
+    out.push_str(",\"tenant\":");
+    push_json_str(&mut out, tenant);
+    out.push_str(",\"timestamp\":");
+    push_json_str(&mut out, timestamp);
+    out.push_str(",\"data\":");
+    out.push_str(data);
+    out.push_str(",\"id\":");
+    out.push_str(&id.to_string());
+    out.push('}');
+    out
+}
+
+/// The first frame a client gets when its `since` cannot be honoured: it must refetch its state
+/// over REST and may then continue from `latest` (the id carried by this frame).
+pub fn resync_required(tenant: &str, reason: &str, since: i64, latest: i64) -> String {
+    let data = serde_json::json!({ "reason": reason, "since": since, "latestId": latest });
+    envelope(
+        "resync_required",
+        tenant,
+        &iso_now(),
+        &data.to_string(),
+        latest,
+    )
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping of a &str cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+/// The current time as ISO 8601 UTC with milliseconds and `Z`, like the seed's timestamps.
+pub fn iso_now() -> String {
+    iso(SystemTime::now())
+}
+
+/// Formats a time as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+pub fn iso(t: SystemTime) -> String {
+    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn iso_formats_utc_with_millis() {
+        assert_eq!(iso(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_760_191_200_123);
+        assert_eq!(iso(t), "2025-10-11T14:00:00.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(iso(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn envelope_is_valid_json_with_escaped_strings() {
+        let f = envelope("a\"b", "kitchen", "t", r#"{"x":[1,2.50]}"#, 7);
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(v["type"], "a\"b");
+        assert_eq!(v["data"]["x"][1], 2.5);
+        assert_eq!(v["id"], 7);
+    }
+}

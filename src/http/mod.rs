@@ -1,0 +1,73 @@
+//! The HTTP surface (axum): one module per route group, each exposing `router()`, sharing
+//! [`AppState`].
+
+pub mod auth;
+pub mod broadcast;
+pub mod error;
+pub mod health;
+pub mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::Error;
+
+use crate::config::Tuning;
+use crate::hub::Hub;
+use crate::listener::ListenerHealth;
+use crate::metrics::Metrics;
+
+/// What every handler can reach. Cloning is one reference count.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// The shared parts behind [`AppState`].
+pub struct Shared {
+    /// Request pool (never used for LISTEN).
+    pub pool: Pool,
+    /// Per-tenant fan-out.
+    pub hub: Arc<Hub>,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+    /// The listener's state, for /readyz.
+    pub listener: Arc<ListenerHealth>,
+    /// Cached key lookups.
+    pub keys: auth::KeyCache,
+    /// Required bearer token for /broadcast, if configured.
+    pub broadcast_token: Option<String>,
+    /// Queue to the batching /broadcast writer.
+    pub broadcasts: broadcast::Writer,
+    /// Intervals and bounds.
+    pub tuning: Tuning,
+    /// Cancelled when the server shuts down: sockets send 1001 and end.
+    pub shutdown: CancellationToken,
+    /// Tracks every socket task so shutdown can wait for their close frames.
+    pub tracker: TaskTracker,
+}
+
+impl AppState {
+    /// Wraps the shared parts.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(ws::router())
+        .merge(broadcast::router())
+        .merge(health::router())
+        .with_state(state)
+}

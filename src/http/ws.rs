@@ -1,0 +1,325 @@
+//! `GET /ws/pos/{tenant}`: authenticates a POS before the upgrade (contract §5), then runs one
+//! task per socket that replays from `?since=` and continues live from the hub, with nothing lost
+//! and nothing twice at the seam.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use serde::Deserialize;
+use tracing::{debug, info};
+
+use super::{AppState, Error};
+use crate::db::events;
+use crate::db::keys::{self, KeyIdentity};
+use crate::event;
+use crate::hub::{KickReason, Subscription};
+use crate::metrics::DisconnectReason;
+
+/// The header a POS presents its key in (the seed's).
+pub const API_KEY_HEADER: &str = "x-api-key";
+/// Largest message a POS may send. POS clients only receive (and at most ack); 4 KiB keeps a
+/// hostile client from making the server buffer anything sizeable.
+pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
+/// tungstenite's read buffer per socket; its 128 KiB default is sized for throughput, and 10k
+/// idle terminals would hold 1.25 GB with it.
+pub const READ_BUFFER: usize = 4 * 1024;
+/// Largest write backlog inside tungstenite for one socket: one maximal frame (a 256 KiB
+/// broadcast plus envelope) and a close frame. Our own queue (the hub's) bounds the rest.
+pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
+/// Events fetched per replay query: bounds memory for a POS that was away for a long time.
+pub const REPLAY_PAGE: i64 = 500;
+/// How long we wait for a close frame to be written before dropping the connection.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Close codes (RFC 6455) this service sends.
+pub mod close_code {
+    /// Going away: the service is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Policy violation: the key was revoked.
+    pub const POLICY: u16 = 1008;
+    /// Internal error: e.g. the database was unreachable during replay.
+    pub const INTERNAL: u16 = 1011;
+    /// Try again later: the client read too slowly; resume with `since`.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Routes of this group.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws/pos/{tenant}", get(upgrade))
+}
+
+#[derive(Deserialize)]
+struct ResumeQuery {
+    since: Option<String>,
+}
+
+async fn upgrade(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    Query(query): Query<ResumeQuery>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, Error> {
+    let key = match authenticate(&state, &tenant, &headers).await {
+        Ok(key) => key,
+        Err(e) => {
+            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let since = match query.since.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            Error::BadRequest("since must be a non-negative integer event id".into())
+        })?),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return Ok(axum::response::IntoResponse::into_response(rejection)),
+    };
+    let tenant: Arc<str> = Arc::from(tenant);
+    // The token keeps the tracker open from now on, so shutdown waits for this socket too.
+    let token = state.tracker.token();
+    Ok(ws
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(MAX_INCOMING_MESSAGE)
+        .max_frame_size(MAX_INCOMING_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            serve_socket(socket, state, tenant, key, since).await;
+            drop(token);
+        }))
+}
+
+/// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403.
+async fn authenticate(
+    state: &AppState,
+    tenant: &str,
+    headers: &HeaderMap,
+) -> Result<KeyIdentity, Error> {
+    let presented = headers
+        .get(API_KEY_HEADER)
+        .ok_or_else(|| Error::Unauthorized("missing X-API-Key header".into()))?
+        .to_str()
+        .map_err(|_| Error::Unauthorized("invalid API key".into()))?;
+    if !keys::is_well_formed(presented) {
+        return Err(Error::Unauthorized("invalid API key".into()));
+    }
+    let key = state
+        .keys
+        .resolve(&state.pool, presented)
+        .await?
+        .ok_or_else(|| Error::Unauthorized("invalid API key".into()))?;
+    // The path is compared, never queried: a malformed tenant simply is not the key's tenant.
+    if key.tenant != tenant {
+        return Err(Error::Forbidden(
+            "this API key belongs to another tenant".into(),
+        ));
+    }
+    Ok(key)
+}
+
+async fn serve_socket(
+    mut socket: WebSocket,
+    state: AppState,
+    tenant: Arc<str>,
+    key: KeyIdentity,
+    since: Option<i64>,
+) {
+    state.metrics.connects.fetch_add(1, Ordering::Relaxed);
+    state.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    info!(tenant = %tenant, key_id = %key.id, since, "new WebSocket connection for tenant: {tenant}");
+    // Subscribe before replaying: every event is then either in the replay or in the queue.
+    let mut sub = state.hub.subscribe(&tenant, &key.id);
+    let reason = run(&mut socket, &state, &tenant, &mut sub, since).await;
+    drop(sub);
+    let close = match reason {
+        DisconnectReason::Shutdown => Some((close_code::GOING_AWAY, "server shutting down")),
+        DisconnectReason::SlowConsumer => Some((
+            close_code::TRY_AGAIN_LATER,
+            "too slow: reconnect with ?since=<last id>",
+        )),
+        DisconnectReason::KeyRevoked => Some((close_code::POLICY, "API key revoked")),
+        DisconnectReason::ServerError => Some((
+            close_code::INTERNAL,
+            "temporary server error: reconnect with ?since=<last id>",
+        )),
+        DisconnectReason::Client
+        | DisconnectReason::PingTimeout
+        | DisconnectReason::ProtocolError => None,
+    };
+    if let Some((code, reason_text)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason_text),
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+    }
+    state.metrics.disconnected(reason);
+    info!(tenant = %tenant, key_id = %key.id, ?reason, "WebSocket connection closed for tenant: {tenant}");
+}
+
+/// Why a send was interrupted.
+enum Stop {
+    Ended(DisconnectReason),
+}
+
+async fn run(
+    socket: &mut WebSocket,
+    state: &AppState,
+    tenant: &Arc<str>,
+    sub: &mut Subscription,
+    since: Option<i64>,
+) -> DisconnectReason {
+    let mut last_sent = match since {
+        Some(since) => match catch_up(socket, state, tenant, sub, since).await {
+            Ok(last) => Some(last),
+            Err(Stop::Ended(reason)) => return reason,
+        },
+        None => None,
+    };
+    let mut ping = tokio::time::interval(state.tuning.ping_interval);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    let kicked = sub.kick_signal();
+    loop {
+        tokio::select! {
+            biased;
+            _ = state.shutdown.cancelled() => return DisconnectReason::Shutdown,
+            _ = kicked.cancelled() => return kick_reason(sub),
+            frame = sub.recv() => {
+                let Some(frame) = frame else { return kick_reason(sub) };
+                if let Some(last) = last_sent {
+                    if frame.id <= last {
+                        continue; // already sent by the replay
+                    }
+                    if frame.id > last + 1 {
+                        // A hole (e.g. pruned before the listener read it): fill it from the log,
+                        // or tell the POS to resync; never skip silently.
+                        match catch_up(socket, state, tenant, sub, last).await {
+                            Ok(l) => last_sent = Some(l),
+                            Err(Stop::Ended(reason)) => return reason,
+                        }
+                        if frame.id <= last_sent.unwrap_or(last) {
+                            continue;
+                        }
+                    }
+                }
+                if let Err(Stop::Ended(reason)) = send(socket, state, sub, Message::Text(frame.text)).await {
+                    return reason;
+                }
+                state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+                last_sent = Some(frame.id);
+            }
+            msg = socket.recv() => {
+                match msg {
+                    None | Some(Ok(Message::Close(_))) => return DisconnectReason::Client,
+                    Some(Err(e)) => {
+                        debug!(error = %e, "socket read failed");
+                        return DisconnectReason::ProtocolError;
+                    }
+                    // POS clients only receive; anything they send just proves they are alive.
+                    Some(Ok(_)) => last_heard = Instant::now(),
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= state.tuning.pong_timeout {
+                    return DisconnectReason::PingTimeout;
+                }
+                if let Err(Stop::Ended(reason)) = send(socket, state, sub, Message::Ping(Default::default())).await {
+                    return reason;
+                }
+            }
+        }
+    }
+}
+
+fn kick_reason(sub: &Subscription) -> DisconnectReason {
+    match sub.kick_reason() {
+        Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
+        Some(KickReason::SlowConsumer) | None => DisconnectReason::SlowConsumer,
+    }
+}
+
+/// Sends one message, giving up as soon as the socket is kicked or the server shuts down (a
+/// stalled peer must not pin its task).
+async fn send(
+    socket: &mut WebSocket,
+    state: &AppState,
+    sub: &Subscription,
+    msg: Message,
+) -> Result<(), Stop> {
+    tokio::select! {
+        biased;
+        r = socket.send(msg) => r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
+        _ = sub.kicked() => Err(Stop::Ended(kick_reason(sub))),
+        _ = state.shutdown.cancelled() => Err(Stop::Ended(DisconnectReason::Shutdown)),
+    }
+}
+
+/// Sends every retained event with `id > since`, in order; returns the last id the client now
+/// has. When `since` cannot be honoured (older than what is retained, or ahead of the log), sends
+/// `resync_required` instead and returns the tenant's latest id.
+async fn catch_up(
+    socket: &mut WebSocket,
+    state: &AppState,
+    tenant: &Arc<str>,
+    sub: &Subscription,
+    since: i64,
+) -> Result<i64, Stop> {
+    let server_error = |e: crate::db::DbError| {
+        tracing::warn!(error = %e, tenant = %tenant, "replay failed");
+        Stop::Ended(DisconnectReason::ServerError)
+    };
+    let client = state.pool.get().await.map_err(|e| server_error(e.into()))?;
+    let head = events::head(&**client, tenant)
+        .await
+        .map_err(server_error)?;
+    if since == head {
+        return Ok(since);
+    }
+    let mut last = since;
+    if since < head {
+        loop {
+            let page = events::replay(&**client, tenant, last, REPLAY_PAGE)
+                .await
+                .map_err(server_error)?;
+            let n = page.len() as i64;
+            for e in page {
+                if e.id != last + 1 {
+                    break; // a hole: pruned; resync below
+                }
+                send(socket, state, sub, Message::Text(e.to_frame().into())).await?;
+                state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+                state
+                    .metrics
+                    .replayed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                last = e.id;
+            }
+            if last >= head || n < REPLAY_PAGE {
+                break;
+            }
+        }
+        if last >= head {
+            return Ok(last);
+        }
+    }
+    let reason = if since > head {
+        "since_ahead_of_log"
+    } else {
+        "since_expired"
+    };
+    let text = event::resync_required(tenant, reason, since, head);
+    send(socket, state, sub, Message::Text(text.into())).await?;
+    state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+    Ok(head)
+}

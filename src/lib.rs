@@ -1,0 +1,32 @@
+//! orderpush: pushes Postgres changes to restaurant POS terminals over WebSocket, per tenant.
+//!
+//! One event flows through each module once, never back:
+//!
+//! ```text
+//!  app write ──► trigger (migrations/) ──► orderpush.events row + pg_notify wake-up
+//!  POST /broadcast (http::broadcast) ──► db::events::broadcast ──┘
+//!                                             │
+//!                 listener  ◄─────────────────┘  reads new rows per tenant (the table is the truth)
+//!                    │
+//!                   hub     fan-out per tenant into bounded per-client queues
+//!                    │
+//!                 http::ws  one task per POS socket: replay (`since`), then live frames
+//! ```
+//!
+//! - [`config`]: the command line (clap, with environment fallbacks) and the server's tunables.
+//! - [`event`]: the event envelope and the exact JSON frame a POS receives.
+//! - [`db`]: the connection pool, migrations, API keys and event-log queries.
+//! - [`listener`]: the dedicated LISTEN connection that follows the event log.
+//! - [`hub`]: per-tenant fan-out to connected clients with bounded queues.
+//! - [`http`]: the axum routes (`/ws/pos/{tenant}`, `/broadcast`, health, metrics).
+//! - [`metrics`]: counters and histograms rendered in Prometheus text format.
+//! - [`server`]: wires everything together and runs until shutdown.
+
+pub mod config;
+pub mod db;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod listener;
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,378 @@
+//! The listener: one dedicated Postgres connection that LISTENs for wake-ups, reads new event
+//! rows per tenant (the table is the truth, a notification only a hint) and hands them to the
+//! hub in id order. It reconnects with capped backoff and catches up from its cursors, so writes
+//! made while it was away are delivered, in order, once.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::time::{MissedTickBehavior, sleep, timeout};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::db::{self, DbError, events};
+use crate::event::Event;
+use crate::hub::{Frame, Hub};
+use crate::metrics::Metrics;
+
+/// The NOTIFY channel the triggers wake us on (migrations/V2).
+pub const CHANNEL: &str = "orderpush";
+/// First reconnect delay: a killed backend is usually replaceable at once.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Reconnect delay cap: a restarting Postgres is retried every few seconds, no faster.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Any listener query slower than this means a dead or wedged connection: reconnect.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rows per catch-up read: bounds memory after a long outage; the scan loops until caught up.
+const SCAN_LIMIT: i64 = 2_000;
+/// Safety-net poll in `notify` mode; it doubles as the half-open-connection probe.
+const POLL_NOTIFY: Duration = Duration::from_secs(1);
+/// Poll in `gated` mode: bounds the delay of a commit whose wake-up was skipped and which
+/// committed after the follow-up read.
+const POLL_GATED: Duration = Duration::from_millis(100);
+/// Poll in `poll` mode (no NOTIFY at all): the delivery latency a DBA accepts for it.
+const POLL_POLL: Duration = Duration::from_millis(10);
+/// In `gated` mode, a second read this long after each wake-up picks up the concurrent commits
+/// that skipped their own NOTIFY (they commit within a WAL flush of the one that notified).
+const FOLLOW_UP: Duration = Duration::from_millis(5);
+/// /readyz turns 503 when the listener has not completed a read for this long (contract: 10 s).
+pub const STALE_AFTER: Duration = Duration::from_secs(8);
+/// At most one "no POS connected" warning per tenant per this interval.
+const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How the triggers wake the listener (`ALTER DATABASE ... SET orderpush.wakeup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeupMode {
+    /// Every emitting transaction notifies.
+    Notify,
+    /// One in-flight transaction at a time notifies; the listener re-reads and polls.
+    Gated,
+    /// No NOTIFY; the listener polls.
+    Poll,
+}
+
+impl WakeupMode {
+    fn parse(s: Option<&str>) -> Self {
+        match s {
+            Some("gated") => WakeupMode::Gated,
+            Some("poll") => WakeupMode::Poll,
+            _ => WakeupMode::Notify,
+        }
+    }
+
+    fn poll_interval(self) -> Duration {
+        match self {
+            WakeupMode::Notify => POLL_NOTIFY,
+            WakeupMode::Gated => POLL_GATED,
+            WakeupMode::Poll => POLL_POLL,
+        }
+    }
+}
+
+/// The listener's state as /readyz and the status page see it.
+#[derive(Debug)]
+pub struct ListenerHealth {
+    started: Instant,
+    connected: AtomicBool,
+    /// Milliseconds since `started` of the last completed read; 0 = never.
+    last_read_ms: AtomicU64,
+    mode: Mutex<Option<WakeupMode>>,
+}
+
+impl Default for ListenerHealth {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            connected: AtomicBool::new(false),
+            last_read_ms: AtomicU64::new(0),
+            mode: Mutex::new(None),
+        }
+    }
+}
+
+impl ListenerHealth {
+    /// True when connected and a read completed within [`STALE_AFTER`].
+    pub fn is_following(&self) -> bool {
+        let last = self.last_read_ms.load(Ordering::Acquire);
+        self.connected.load(Ordering::Acquire)
+            && last > 0
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                <= STALE_AFTER.as_millis() as u64
+    }
+
+    /// The wake-up mode read at the last connect.
+    pub fn mode(&self) -> Option<WakeupMode> {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_completed(&self) {
+        let ms = (self.started.elapsed().as_millis() as u64).max(1);
+        self.last_read_ms.store(ms, Ordering::Release);
+    }
+}
+
+/// Follows the event log and feeds the hub.
+pub struct Listener {
+    config: tokio_postgres::Config,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    health: Arc<ListenerHealth>,
+    /// Per tenant, the last id handed to the hub. Kept across reconnects: that is what makes a
+    /// reconnect catch up instead of skipping.
+    cursors: HashMap<Arc<str>, i64>,
+    initialized: bool,
+    last_undelivered_warning: HashMap<Arc<str>, Instant>,
+}
+
+/// Aborts the connection-driver task when the listener lets go of a connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Listener {
+    /// A listener on its own connection built from `config` (never a pooled one: pooled
+    /// connections do not deliver notifications).
+    pub fn new(
+        config: &tokio_postgres::Config,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        health: Arc<ListenerHealth>,
+    ) -> Self {
+        Self {
+            config: db::with_defaults(config, "orderpush-listener"),
+            hub,
+            metrics,
+            health,
+            cursors: HashMap::new(),
+            initialized: false,
+            last_undelivered_warning: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown`: connect, LISTEN, catch up, follow; on any failure back off and
+    /// start over.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.follow(&shutdown) => r,
+            };
+            self.health.connected.store(false, Ordering::Release);
+            self.metrics.listener_up.store(0, Ordering::Relaxed);
+            match result {
+                Ok(()) => return, // shutdown
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "listener lost its connection; reconnecting")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = sleep(backoff) => {}
+            }
+            // A connection that lived a while earns a fresh, short backoff.
+            backoff = if started.elapsed() > BACKOFF_MAX * 2 {
+                BACKOFF_MIN
+            } else {
+                (backoff * 2).min(BACKOFF_MAX)
+            };
+        }
+    }
+
+    /// One connection's life. Returns Ok only on shutdown.
+    async fn follow(&mut self, shutdown: &CancellationToken) -> Result<(), DbError> {
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let wake = Arc::new(Notify::new());
+        let wake_tx = Arc::clone(&wake);
+        // The connection must be polled for notifications to arrive at all; this task does only
+        // that, and is aborted with the guard when this function returns.
+        let mut driver = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => wake_tx.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        debug!(error = %e, "listener connection failed");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        }));
+
+        // LISTEN first, then read: a write committed in between is seen by the read, and its
+        // wake-up, if any, only causes one extra (empty) read.
+        with_timeout(client.batch_execute(&format!("LISTEN {CHANNEL}"))).await?;
+        let mode_row =
+            with_timeout(client.query_one("SELECT current_setting('orderpush.wakeup', true)", &[]))
+                .await?;
+        let mode = WakeupMode::parse(mode_row.get::<_, Option<&str>>(0));
+        *self.health.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
+
+        if !self.initialized {
+            // A fresh process starts at the head: clients that were away replay with `since`.
+            for (tenant, seq) in with_timeout(events::heads(&client)).await? {
+                self.cursors.insert(Arc::from(tenant), seq);
+            }
+            self.initialized = true;
+        }
+        self.metrics
+            .listener_connects
+            .fetch_add(1, Ordering::Relaxed);
+        self.scan(&client).await?;
+        self.health.connected.store(true, Ordering::Release);
+        self.metrics.listener_up.store(1, Ordering::Relaxed);
+        info!(?mode, "listener following the event log");
+
+        let mut poll = tokio::time::interval(mode.poll_interval());
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut follow_up: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = &mut driver.0 => return Err(DbError::Closed),
+                _ = wake.notified() => {
+                    self.scan(&client).await?;
+                    if mode == WakeupMode::Gated {
+                        follow_up = Some(tokio::time::Instant::now() + FOLLOW_UP);
+                    }
+                }
+                _ = async { sleep_until_opt(follow_up).await }, if follow_up.is_some() => {
+                    follow_up = None;
+                    self.scan(&client).await?;
+                }
+                _ = poll.tick() => self.scan(&client).await?,
+            }
+        }
+    }
+
+    /// Reads everything committed since the cursors and publishes it, tenant by tenant, in id
+    /// order, until caught up.
+    async fn scan(&mut self, client: &tokio_postgres::Client) -> Result<(), DbError> {
+        loop {
+            let heads = with_timeout(events::heads(client)).await?;
+            let mut ranges = Vec::new();
+            for (tenant, head) in heads {
+                let cursor = self.cursors.get(tenant.as_str()).copied().unwrap_or(0);
+                if head > cursor {
+                    let key = self
+                        .cursors
+                        .get_key_value(tenant.as_str())
+                        .map(|(k, _)| Arc::clone(k));
+                    ranges.push((key.unwrap_or_else(|| Arc::from(tenant)), cursor, head));
+                } else if head < cursor {
+                    // The counter went backwards: the database was restored or the tenant
+                    // recreated. Follow the database; clients with a larger `since` get a resync.
+                    warn!(
+                        tenant,
+                        head, cursor, "tenant's event counter went backwards; following it"
+                    );
+                    self.cursors.insert(Arc::from(tenant), head);
+                }
+            }
+            if ranges.is_empty() {
+                self.health.read_completed();
+                return Ok(());
+            }
+            let rows = with_timeout(events::read_ranges(client, &ranges, SCAN_LIMIT)).await?;
+            let truncated = rows.len() as i64 >= SCAN_LIMIT;
+            self.metrics
+                .listener_rows
+                .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            for event in rows {
+                self.deliver(event);
+            }
+            if !truncated {
+                // Every id up to each head was read (or pruned before we could read it).
+                for (tenant, _, head) in ranges {
+                    self.cursors.insert(tenant, head);
+                }
+                self.health.read_completed();
+                return Ok(());
+            }
+        }
+    }
+
+    fn deliver(&mut self, event: Event) {
+        let cursor = self.cursors.entry(Arc::clone(&event.tenant)).or_insert(0);
+        if event.id != *cursor + 1 {
+            // Rows pruned before this listener read them (it was away longer than the
+            // retention). Sockets notice the jump and tell their POS to resync.
+            warn!(tenant = %event.tenant, expected = *cursor + 1, got = event.id, "event ids skipped");
+        }
+        *cursor = event.id;
+        self.metrics.event_received(event.origin, &event.kind);
+        self.metrics.observe_lag(
+            SystemTime::now()
+                .duration_since(event.emitted_at)
+                .unwrap_or_default(),
+        );
+        let frame = Frame {
+            id: event.id,
+            text: event.to_frame().into(),
+        };
+        let delivery = self.hub.publish(&event.tenant, &frame);
+        if delivery.sent == 0 && delivery.failed == 0 {
+            self.metrics
+                .undelivered_events
+                .fetch_add(1, Ordering::Relaxed);
+            info!(tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
+            if event.kind == "new_order" {
+                self.warn_undelivered(&event);
+            }
+        } else {
+            info!(
+                tenant = %event.tenant, event_type = %event.kind, id = event.id,
+                "event '{}' sent to {} clients for tenant: {} ({} failed)",
+                event.kind, delivery.sent, event.tenant, delivery.failed
+            );
+        }
+    }
+
+    fn warn_undelivered(&mut self, event: &Event) {
+        let now = Instant::now();
+        let last = self.last_undelivered_warning.get(&event.tenant);
+        if last.is_none_or(|t| now.duration_since(*t) >= UNDELIVERED_WARN_INTERVAL) {
+            self.last_undelivered_warning
+                .insert(Arc::clone(&event.tenant), now);
+            let number = serde_json::from_str::<serde_json::Value>(&event.data)
+                .ok()
+                .and_then(|d| {
+                    d.get("orderNumber")
+                        .and_then(|n| n.as_str())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "?".into());
+            warn!(
+                tenant = %event.tenant,
+                "order {number} for tenant {}: no POS connected to this instance", event.tenant
+            );
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn with_timeout<T, E: Into<DbError>>(
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, DbError> {
+    match timeout(QUERY_TIMEOUT, f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(DbError::Timeout),
+    }
+}

@@ -1,0 +1,146 @@
+//! The `orderpush` binary: parses the command line, starts tracing, runs one subcommand.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use orderpush::config::{Cli, Command, KeysCommand, LogFormat, Tuning};
+use orderpush::db::{self, events, keys};
+use orderpush::server::{self, ServerConfig};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            let shutdown = CancellationToken::new();
+            // Deliberately detached: it lives as long as the process and only cancels a token.
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let config = ServerConfig {
+                database: args.db.database()?.clone(),
+                broadcast_token: args.broadcast_token,
+                retention: args.retention,
+                migrate: !args.no_migrate,
+                tuning: Tuning::default(),
+            };
+            server::run(listener, config, shutdown).await?;
+        }
+        Command::Migrate(args) => {
+            let applied = db::migrate::run(args.db.database()?).await?;
+            if applied.is_empty() {
+                eprintln!("database is up to date");
+            }
+            for name in applied {
+                eprintln!("applied {name}");
+            }
+        }
+        Command::Keys(args) => {
+            let client = db::connect(args.db.database()?, "orderpush-cli").await?;
+            match args.command {
+                KeysCommand::Create { tenant, label } => {
+                    let key = keys::create(&client, &tenant, label.as_deref()).await?;
+                    eprintln!("created key {} for tenant {tenant}", key.id);
+                    println!("{}", key.secret);
+                }
+                KeysCommand::List { tenant, json } => {
+                    let list = keys::list(&client, tenant.as_deref()).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else {
+                        println!(
+                            "{:<14} {:<24} {:<24} {:<26} REVOKED",
+                            "ID", "TENANT", "LABEL", "CREATED"
+                        );
+                        for k in list {
+                            println!(
+                                "{:<14} {:<24} {:<24} {:<26} {}",
+                                k.id,
+                                k.tenant,
+                                k.label.unwrap_or_default(),
+                                k.created,
+                                k.revoked.unwrap_or_else(|| "-".into())
+                            );
+                        }
+                    }
+                }
+                KeysCommand::Revoke { id } => {
+                    if keys::revoke(&client, &id).await? {
+                        eprintln!("revoked key {id}; its connections close within seconds");
+                    } else {
+                        eprintln!("key {id} was already revoked");
+                    }
+                }
+            }
+        }
+        Command::Prune(args) => {
+            let client = db::connect(args.db.database()?, "orderpush-prune").await?;
+            let exists = client
+                .query_one("SELECT to_regclass('orderpush.events') IS NOT NULL", &[])
+                .await?
+                .get::<_, bool>(0);
+            if !exists {
+                bail!("the database has no orderpush schema: run `orderpush migrate` first");
+            }
+            let n = events::prune(&client, args.older_than).await?;
+            eprintln!("deleted {n} events older than {:?}", args.older_than);
+        }
+    }
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown requested; closing connections");
+    shutdown.cancel();
+}

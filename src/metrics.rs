@@ -1,0 +1,282 @@
+//! Process-wide counters, gauges and one histogram, rendered in Prometheus text format.
+//!
+//! Plain atomics instead of a metrics crate: the set is small and fixed, and no label takes
+//! unbounded values (event types outside the known set are counted as `other`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Why a POS socket ended; a label of `orderpush_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client closed or the TCP connection broke.
+    Client,
+    /// The client's queue overflowed (close code 1013).
+    SlowConsumer,
+    /// Its key was revoked.
+    KeyRevoked,
+    /// It did not answer pings in time.
+    PingTimeout,
+    /// The service shut down (close code 1001).
+    Shutdown,
+    /// The client sent something it must not (e.g. an oversized frame).
+    ProtocolError,
+    /// The server could not serve it (e.g. the database was unreachable during replay).
+    ServerError,
+}
+
+impl DisconnectReason {
+    const ALL: [DisconnectReason; 7] = [
+        DisconnectReason::Client,
+        DisconnectReason::SlowConsumer,
+        DisconnectReason::KeyRevoked,
+        DisconnectReason::PingTimeout,
+        DisconnectReason::Shutdown,
+        DisconnectReason::ProtocolError,
+        DisconnectReason::ServerError,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DisconnectReason::Client => "client",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::KeyRevoked => "key_revoked",
+            DisconnectReason::PingTimeout => "ping_timeout",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::ServerError => "server_error",
+        }
+    }
+}
+
+/// Event types with their own label value; everything else (free-form /broadcast types) is
+/// `other`, which keeps the label set bounded.
+const KNOWN_TYPES: [&str; 6] = [
+    "new_order",
+    "order_updated",
+    "gift_card_purchased",
+    "loyalty_updated",
+    "resync_required",
+    "other",
+];
+
+/// Upper bounds (seconds) of the delivery-lag histogram: from sub-millisecond to the listener's
+/// slowest safety-net poll and beyond.
+const LAG_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// All metrics of one process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open POS sockets.
+    pub connections: AtomicI64,
+    /// POS sockets accepted.
+    pub connects: AtomicU64,
+    disconnects: [AtomicU64; 7],
+    /// WebSocket upgrades refused for a missing, unknown or revoked key (401) or a wrong tenant (403).
+    pub auth_failures: AtomicU64,
+    events_db: [AtomicU64; 6],
+    events_broadcast: [AtomicU64; 6],
+    /// Event frames written to sockets (replay included).
+    pub frames_sent: AtomicU64,
+    /// Replayed frames sent for `?since=`.
+    pub replayed_frames: AtomicU64,
+    /// `resync_required` frames sent because `since` could not be honoured.
+    pub resyncs: AtomicU64,
+    /// /broadcast requests answered 200.
+    pub broadcasts_accepted: AtomicU64,
+    /// /broadcast requests answered 4xx/5xx.
+    pub broadcasts_rejected: AtomicU64,
+    /// Events published to a tenant with no connected socket on this instance.
+    pub undelivered_events: AtomicU64,
+    /// Times the listener (re)connected.
+    pub listener_connects: AtomicU64,
+    /// 1 while the listener is connected and following, else 0.
+    pub listener_up: AtomicI64,
+    /// Rows the listener read from the event log.
+    pub listener_rows: AtomicU64,
+    /// Events deleted by retention.
+    pub pruned_events: AtomicU64,
+    lag_buckets: [AtomicU64; 12],
+    lag_count: AtomicU64,
+    lag_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts one socket end.
+    pub fn disconnected(&self, reason: DisconnectReason) {
+        let i = DisconnectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.disconnects[i].fetch_add(1, Relaxed);
+        self.connections.fetch_sub(1, Relaxed);
+    }
+
+    /// Counts one event read from the log, by origin and type.
+    pub fn event_received(&self, origin: crate::event::Origin, kind: &str) {
+        let i = KNOWN_TYPES
+            .iter()
+            .position(|t| *t == kind)
+            .unwrap_or(KNOWN_TYPES.len() - 1);
+        match origin {
+            crate::event::Origin::Db => &self.events_db[i],
+            crate::event::Origin::Broadcast => &self.events_broadcast[i],
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    /// Records the time from an event's write to its hand-off to client queues.
+    pub fn observe_lag(&self, lag: Duration) {
+        let secs = lag.as_secs_f64();
+        for (bound, bucket) in LAG_BUCKETS.iter().zip(&self.lag_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.lag_count.fetch_add(1, Relaxed);
+        self.lag_sum_micros
+            .fetch_add(lag.as_micros() as u64, Relaxed);
+    }
+
+    /// Renders everything in Prometheus text format; `extra` lines (gauges read at scrape time)
+    /// are appended as given.
+    pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut simple = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        simple(
+            "orderpush_connections",
+            "gauge",
+            "Open POS WebSocket connections.",
+            self.connections.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_connects_total",
+            "counter",
+            "POS WebSocket connections accepted.",
+            self.connects.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_auth_failures_total",
+            "counter",
+            "WebSocket upgrades refused with 401 or 403.",
+            self.auth_failures.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_frames_sent_total",
+            "counter",
+            "Event frames written to POS sockets.",
+            self.frames_sent.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_replayed_frames_total",
+            "counter",
+            "Frames replayed for ?since=.",
+            self.replayed_frames.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_resyncs_total",
+            "counter",
+            "resync_required frames sent.",
+            self.resyncs.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_broadcasts_accepted_total",
+            "counter",
+            "POST /broadcast requests accepted.",
+            self.broadcasts_accepted.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_broadcasts_rejected_total",
+            "counter",
+            "POST /broadcast requests rejected.",
+            self.broadcasts_rejected.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_undelivered_events_total",
+            "counter",
+            "Events for a tenant with no POS connected to this instance.",
+            self.undelivered_events.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_listener_connects_total",
+            "counter",
+            "Listener (re)connections.",
+            self.listener_connects.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_listener_up",
+            "gauge",
+            "1 while the listener is connected and following.",
+            self.listener_up.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_listener_rows_total",
+            "counter",
+            "Event rows read by the listener.",
+            self.listener_rows.load(Relaxed) as f64,
+        );
+        simple(
+            "orderpush_pruned_events_total",
+            "counter",
+            "Events deleted by retention.",
+            self.pruned_events.load(Relaxed) as f64,
+        );
+        for (name, help, value) in extra {
+            simple(name, "gauge", help, *value);
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP orderpush_disconnects_total POS sockets closed, by reason.\n# TYPE orderpush_disconnects_total counter"
+        );
+        for (reason, n) in DisconnectReason::ALL.iter().zip(&self.disconnects) {
+            let _ = writeln!(
+                out,
+                "orderpush_disconnects_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP orderpush_events_total Events read from the event log, by origin and type.\n# TYPE orderpush_events_total counter"
+        );
+        for (origin, counts) in [
+            ("db", &self.events_db),
+            ("broadcast", &self.events_broadcast),
+        ] {
+            for (kind, n) in KNOWN_TYPES.iter().zip(counts.iter()) {
+                let _ = writeln!(
+                    out,
+                    "orderpush_events_total{{origin=\"{origin}\",type=\"{kind}\"}} {}",
+                    n.load(Relaxed)
+                );
+            }
+        }
+        let name = "orderpush_delivery_lag_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from an event row's write to its hand-off to client queues.\n# TYPE {name} histogram"
+        );
+        for (bound, n) in LAG_BUCKETS.iter().zip(&self.lag_buckets) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", n.load(Relaxed));
+        }
+        let count = self.lag_count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.lag_sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}

@@ -1,0 +1,183 @@
+//! Wires the service together and runs it until shutdown: migrations, the pool, the listener,
+//! the hub, the background jobs (revocation checks, retention) and the HTTP server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Tuning;
+use crate::db::{self, DbError, events, keys};
+use crate::http::{self, AppState, Shared, auth::KeyCache, broadcast};
+use crate::hub::{Hub, KickReason};
+use crate::listener::{Listener, ListenerHealth};
+use crate::metrics::Metrics;
+
+/// After shutdown starts, how long sockets get to send their 1001 close frames and background
+/// tasks to stop before the process exits anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What `run` needs to know.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the database is.
+    pub database: tokio_postgres::Config,
+    /// Bearer token for /broadcast; `None` = loopback callers only.
+    pub broadcast_token: Option<String>,
+    /// How long events stay replayable.
+    pub retention: Duration,
+    /// Apply migrations before serving.
+    pub migrate: bool,
+    /// Intervals and bounds.
+    pub tuning: Tuning,
+}
+
+/// Why the server could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The database could not be reached or migrated.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The listening socket failed.
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, then closes every socket with 1001 and
+/// returns once all tasks have stopped (or [`SHUTDOWN_GRACE`] has passed).
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    if config.migrate {
+        let applied = db::migrate::run(&config.database).await?;
+        if !applied.is_empty() {
+            info!(?applied, "applied migrations");
+        }
+    }
+    let pool = db::pool(&config.database)?;
+    let metrics = Arc::new(Metrics::default());
+    let hub = Hub::new(
+        config.tuning.client_queue_bytes,
+        config.tuning.client_queue_frames,
+        Arc::clone(&metrics),
+    );
+    let listener_health = Arc::new(ListenerHealth::default());
+    let tracker = TaskTracker::new();
+
+    let follower = Listener::new(
+        &config.database,
+        Arc::clone(&hub),
+        Arc::clone(&metrics),
+        Arc::clone(&listener_health),
+    );
+    tracker.spawn(follower.run(shutdown.clone()));
+    let broadcasts = broadcast::Writer::spawn(pool.clone(), &tracker);
+
+    let state = AppState::new(Shared {
+        pool: pool.clone(),
+        hub,
+        metrics,
+        listener: listener_health,
+        keys: KeyCache::default(),
+        broadcast_token: config.broadcast_token.clone(),
+        broadcasts,
+        tuning: config.tuning.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+    tracker.spawn(revocation_loop(state.clone()));
+    tracker.spawn(retention_loop(
+        pool,
+        config.retention,
+        state.tuning.prune_interval,
+        Arc::clone(&state.metrics),
+        shutdown.clone(),
+    ));
+
+    info!(addr = %listener.local_addr()?, "orderpush listening");
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some connections did not close within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    info!("orderpush stopped");
+    Ok(())
+}
+
+/// Closes sockets whose key was revoked (or deleted), on every instance: the truth is the
+/// `api_keys` table, checked on an interval, not an in-process event.
+async fn revocation_loop(state: AppState) {
+    let mut tick = tokio::time::interval(state.tuning.revocation_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut ids = state.hub.connected_key_ids();
+        ids.extend(state.keys.cached_ids());
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            continue;
+        }
+        let inactive = match state.pool.get().await {
+            Ok(client) => keys::inactive(&**client, &ids).await,
+            Err(e) => Err(e.into()),
+        };
+        match inactive {
+            Ok(gone) if !gone.is_empty() => {
+                state.keys.evict(&gone);
+                let closed = state.hub.kick_keys(&gone, KickReason::KeyRevoked);
+                info!(keys = ?gone, closed, "closed connections of revoked keys");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "revocation check failed; retrying"),
+        }
+    }
+}
+
+/// Deletes events past the retention now and then every `interval`.
+async fn retention_loop(
+    pool: deadpool_postgres::Pool,
+    retention: Duration,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = match pool.get().await {
+            Ok(client) => events::prune(&**client, retention).await,
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics
+                    .pruned_events
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                info!(deleted = n, "retention: pruned old events");
+            }
+            Err(e) => warn!(error = %e, "retention run failed; will retry"),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Contract §4: POST /broadcast, its answers and every error case.
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn a_broadcast_reaches_the_tenant_as_the_seed_answered() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
+
+    let given = json!({"tenant": "kitchen", "event": {"type": "test_broadcast",
+        "timestamp": "2025-10-11T14:17:00.000Z", "data": {"message": "Test message", "n": [1, 2.5]}}});
+    let (status, body) = server.broadcast(&given).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["success"], true);
+    assert_eq!(body["message"], "Event broadcasted to kitchen");
+    let ev = pos.next().await;
+    assert_eq!(ev["type"], "test_broadcast");
+    assert_eq!(ev["tenant"], "kitchen");
+    assert_eq!(
+        ev["timestamp"], "2025-10-11T14:17:00.000Z",
+        "a given timestamp is passed on as given"
+    );
+    assert_eq!(
+        ev["data"],
+        json!({"message": "Test message", "n": [1, 2.5]})
+    );
+    assert_eq!(ev["id"], 1);
+
+    // Without a timestamp the service stamps one; `data` may be any JSON value.
+    let (status, _) = server
+        .broadcast(&json!({"tenant": "kitchen", "event": {"type": "ping.v1-x", "data": null}}))
+        .await;
+    assert_eq!(status, 200);
+    let ev = pos.next().await;
+    assert_eq!(ev["id"], 2);
+    assert!(ev["data"].is_null());
+    assert!(ev["timestamp"].as_str().unwrap().ends_with('Z'));
+}
+
+async fn raw_post(
+    server: &TestServer,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .post(server.http("/broadcast"))
+        .body(body);
+    if let Some(ct) = content_type {
+        req = req.header("Content-Type", ct);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn bad_broadcasts_are_refused_with_a_reason_and_write_nothing() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
+    let json_ct = Some("application/json");
+    let event = |t: &str| {
+        format!(r#"{{"tenant":"kitchen","event":{{"type":"{t}","data":{{}}}}}}"#).into_bytes()
+    };
+
+    let cases: Vec<(u16, Option<&str>, Vec<u8>, &str)> = vec![
+        (400, json_ct, b"{not json".to_vec(), "invalid request"),
+        (
+            400,
+            json_ct,
+            br#"{"tenant":"kitchen"}"#.to_vec(),
+            "missing field `event`",
+        ),
+        (
+            400,
+            json_ct,
+            br#"{"tenant":"kitchen","event":{"type":"x"}}"#.to_vec(),
+            "missing field `data`",
+        ),
+        (
+            400,
+            json_ct,
+            br#"{"event":{"type":"x","data":1}}"#.to_vec(),
+            "missing field `tenant`",
+        ),
+        (400, json_ct, event("has space"), "event.type"),
+        (400, json_ct, event(""), "event.type"),
+        (400, json_ct, event(&"x".repeat(65)), "event.type"),
+        (
+            400,
+            json_ct,
+            br#"{"tenant":"kitchen","event":{"type":"x","timestamp":5,"data":1}}"#.to_vec(),
+            "invalid type",
+        ),
+        (
+            400,
+            json_ct,
+            format!(
+                r#"{{"tenant":"kitchen","event":{{"type":"x","data":{}}}}}"#,
+                "[".repeat(40) + &"]".repeat(40)
+            )
+            .into_bytes(),
+            "nested",
+        ),
+        (
+            404,
+            json_ct,
+            br#"{"tenant":"nowhere","event":{"type":"x","data":1}}"#.to_vec(),
+            "unknown tenant 'nowhere'",
+        ),
+        (
+            404,
+            json_ct,
+            br#"{"tenant":"Kitchen/..","event":{"type":"x","data":1}}"#.to_vec(),
+            "unknown tenant",
+        ),
+        (
+            413,
+            json_ct,
+            format!(
+                r#"{{"tenant":"kitchen","event":{{"type":"x","data":"{}"}}}}"#,
+                "a".repeat(300 * 1024)
+            )
+            .into_bytes(),
+            "larger than",
+        ),
+        (415, Some("text/plain"), event("x"), "application/json"),
+        (415, None, event("x"), "application/json"),
+    ];
+    for (want, ct, body, says) in cases {
+        let (status, reply) = raw_post(&server, ct, body).await;
+        assert_eq!(status, want, "{reply}");
+        assert_eq!(reply["success"], false, "{reply}");
+        let error = reply["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "expected {says:?} in {error:?}");
+    }
+    assert_eq!(db.event_count().await, 0, "nothing was written");
+    assert!(
+        pos.next_within(std::time::Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing was sent"
+    );
+    // The server is still fine.
+    assert_eq!(raw_post(&server, json_ct, event("ok")).await.0, 200);
+    assert_eq!(pos.next().await["type"], "ok");
+}
+
+#[tokio::test]
+async fn a_configured_token_is_required() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let token = "s3cret-token-0123456789";
+    let server = TestServer::start_with(&db, |c| c.broadcast_token = Some(token.into())).await;
+    let body = json!({"tenant": "kitchen", "event": {"type": "x", "data": 1}});
+    let client = reqwest::Client::new();
+    let post = |auth: Option<String>| {
+        let mut r = client.post(server.http("/broadcast")).json(&body);
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("Bearer wrong-token-0123456789".into()))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        post(Some(token.into())).await.unwrap().status(),
+        401,
+        "the Bearer scheme is required"
+    );
+    assert_eq!(db.event_count().await, 0);
+    assert_eq!(
+        post(Some(format!("Bearer {token}")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(db.event_count().await, 1);
+}

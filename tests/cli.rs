@@ -1,0 +1,154 @@
+//! Contract §1: the `orderpush` binary's subcommands, run as a user would.
+
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn orderpush(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orderpush"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn keys_create_list_and_revoke() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+
+    let out = orderpush(
+        &db,
+        &["keys", "create", "--tenant", "kitchen", "--label", "till 1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout);
+    let key = key.strip_suffix('\n').expect("one line");
+    assert!(
+        orderpush::db::keys::is_well_formed(key),
+        "stdout is the key alone: {key:?}"
+    );
+    let stored: Vec<u8> = db
+        .client()
+        .await
+        .query_one("SELECT key_hash FROM orderpush.api_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored,
+        orderpush::db::keys::hash(key).to_vec(),
+        "only the hash is stored"
+    );
+
+    let out = orderpush(&db, &["keys", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["tenant"], "kitchen");
+    assert_eq!(list[0]["label"], "till 1");
+    assert!(list[0]["revoked"].is_null());
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        text(&orderpush(&db, &["keys", "create", "--tenant", "kitchen"]).stderr)
+            .contains("created key")
+    );
+
+    let out = orderpush(&db, &["keys", "revoke", &id]);
+    assert!(out.status.success());
+    let out = orderpush(&db, &["keys", "list", "--tenant", "kitchen"]);
+    let table = text(&out.stdout);
+    let line = table.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(
+        !line.trim_end().ends_with('-'),
+        "revoked time shown: {line}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_fails_clearly_and_changes_nothing() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let out = orderpush(&db, &["keys", "create", "--tenant", "nowhere"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown tenant 'nowhere'"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    let out = orderpush(&db, &["keys", "revoke", "doesnotexist"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no key with id"));
+    for args in [
+        &["serve", "--retention", "0h"][..],
+        &["serve", "--retention", "banana"],
+        &["serve", "--listen", "not-an-address"],
+        &["serve", "--broadcast-token", "short"],
+        &["prune", "--older-than=-5m"],
+    ] {
+        let out = orderpush(&db, args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("invalid value"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_orderpush"))
+        .args(["migrate"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("DATABASE_URL"));
+    assert_eq!(
+        db.client()
+            .await
+            .query_one("SELECT count(*) FROM orderpush.api_keys", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
+}
+
+#[tokio::test]
+async fn prune_deletes_old_events() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let client = db.client().await;
+    insert_loyalty(&client, "kitchen", 1).await;
+    insert_loyalty(&client, "kitchen", 2).await;
+    client
+        .execute(
+            "UPDATE orderpush.events SET emitted_at = now() - interval '3 hours' WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = orderpush(&db, &["prune", "--older-than", "2h"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("deleted 1 events"));
+    assert_eq!(db.event_count().await, 1);
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = Command::new(env!("CARGO_BIN_EXE_orderpush"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = text(&out.stdout);
+    for sub in ["serve", "migrate", "keys", "prune"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real server, a fresh Postgres database per test, real clients.
+
+mod broadcast;
+mod cli;
+mod common;
+mod events;
+mod resilience;
+mod resume;
+mod websocket;

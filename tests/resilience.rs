@@ -1,0 +1,164 @@
+//! Delivery across instances and listener failures.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn two_instances_deliver_one_broadcast_with_the_same_id() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let a = TestServer::start(&db).await;
+    let b = TestServer::start(&db).await;
+    let mut on_a = Pos::connect(&a, "kitchen", &key, None).await;
+    let mut on_b = Pos::connect(&b, "kitchen", &key, None).await;
+    let (status, _) = a
+        .broadcast(&json!({"tenant": "kitchen", "event": {"type": "hello", "data": {"x": 1}}}))
+        .await;
+    assert_eq!(status, 200);
+    let ea = on_a.next().await;
+    let eb = on_b.next().await;
+    assert_eq!(ea, eb, "identical frames, same id, on both instances");
+    assert_eq!(ea["id"], 1);
+}
+
+async fn listener_pids(client: &tokio_postgres::Client, db: &str) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'orderpush-listener'",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn killing_the_listener_loses_nothing() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
+    const EVENTS: i32 = 150;
+    let writer = {
+        let client = db.client().await;
+        tokio::spawn(async move {
+            for i in 1..=EVENTS {
+                insert_loyalty(&client, "kitchen", i).await;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let killer = {
+        let client = db.client().await;
+        let name = db.name.clone();
+        tokio::spawn(async move {
+            let mut kills = 0;
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                for pid in listener_pids(&client, &name).await {
+                    client
+                        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                        .await
+                        .unwrap();
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    for want in 1..=EVENTS {
+        let ev = pos.next().await;
+        assert_eq!(ev["id"], want as i64, "in order, none lost, none twice");
+        assert_eq!(ev["data"]["pointsChange"], want);
+    }
+    writer.await.unwrap();
+    assert!(killer.await.unwrap() >= 2, "the listener was really killed");
+    assert!(pos.next_within(Duration::from_millis(300)).await.is_none());
+    // And it came back: /readyz is green again.
+    server.wait_ready().await;
+}
+
+#[tokio::test]
+async fn readyz_reports_a_lost_listener() {
+    let db = TestDb::create().await;
+    let server = TestServer::start(&db).await;
+    let admin = admin().await;
+    // Refuse new connections to this database, then kill the listener: it cannot come back.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            db.name
+        ))
+        .await
+        .unwrap();
+    for pid in listener_pids(&admin, &db.name).await {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = reqwest::get(server.http("/readyz")).await.unwrap();
+        if r.status() == 503 {
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["listener"], false);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        reqwest::get(server.http("/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "the process is still up"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .await
+        .unwrap();
+    server.wait_ready().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let server = TestServer::start(&db).await;
+    server
+        .broadcast(&json!({"tenant": "kitchen", "event": {"type": "new_order", "data": {}}}))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(server.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("# TYPE orderpush_connections gauge"));
+        if text.contains("orderpush_events_total{origin=\"broadcast\",type=\"new_order\"} 1") {
+            assert!(text.contains("orderpush_broadcasts_accepted_total 1"));
+            assert!(text.contains("orderpush_listener_up 1"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
