@@ -303,6 +303,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_a_token_only_loopback_may_broadcast() {
+        let headers = HeaderMap::new();
+        let peer = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(authorize(None, peer("127.0.0.1:5000"), &headers).is_ok());
+        assert!(authorize(None, peer("127.0.0.2:5000"), &headers).is_ok());
+        assert!(authorize(None, peer("[::1]:5000"), &headers).is_ok());
+        assert!(authorize(None, peer("[::ffff:127.0.0.1]:5000"), &headers).is_ok());
+        for remote in [
+            "10.0.0.7:5000",
+            "192.0.2.1:5000",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.0.0.7]:5000",
+        ] {
+            let e = authorize(None, peer(remote), &headers).unwrap_err();
+            assert_eq!(e.status(), axum::http::StatusCode::FORBIDDEN, "{remote}");
+        }
+        // With a token, loopback alone is not enough.
+        let e = authorize(Some("0123456789abcdef"), peer("127.0.0.1:5000"), &headers).unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
     fn depth_scan_ignores_brackets_in_strings() {
         assert!(!json_depth_exceeds(br#"{"a":"[[[[[[[[[[[[["}"#, 3));
         assert!(json_depth_exceeds(b"[[[[", 3));
