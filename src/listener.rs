@@ -125,7 +125,6 @@ pub struct Listener {
     /// Per tenant, the last id handed to the hub. Kept across reconnects: that is what makes a
     /// reconnect catch up instead of skipping.
     cursors: HashMap<Arc<str>, i64>,
-    initialized: bool,
     last_undelivered_warning: HashMap<Arc<str>, Instant>,
 }
 
@@ -140,9 +139,14 @@ impl Drop for AbortOnDrop {
 
 impl Listener {
     /// A listener on its own connection built from `config` (never a pooled one: pooled
-    /// connections do not deliver notifications).
+    /// connections do not deliver notifications), starting after the given per-tenant ids.
+    ///
+    /// `start` must be read before the server accepts its first socket: a POS that connects
+    /// without `since` is promised every event committed after it connected, and a listener
+    /// that picked its starting point later would skip the events in between.
     pub fn new(
         config: &tokio_postgres::Config,
+        start: Vec<(String, i64)>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         health: Arc<ListenerHealth>,
@@ -152,8 +156,10 @@ impl Listener {
             hub,
             metrics,
             health,
-            cursors: HashMap::new(),
-            initialized: false,
+            cursors: start
+                .into_iter()
+                .map(|(t, seq)| (Arc::from(t), seq))
+                .collect(),
             last_undelivered_warning: HashMap::new(),
         }
     }
@@ -219,13 +225,6 @@ impl Listener {
         let mode = WakeupMode::parse(mode_row.get::<_, Option<&str>>(0));
         *self.health.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
 
-        if !self.initialized {
-            // A fresh process starts at the head: clients that were away replay with `since`.
-            for (tenant, seq) in with_timeout(events::heads(&client)).await? {
-                self.cursors.insert(Arc::from(tenant), seq);
-            }
-            self.initialized = true;
-        }
         self.metrics
             .listener_connects
             .fetch_add(1, Ordering::Relaxed);

@@ -70,8 +70,12 @@ pub async fn run(
     let listener_health = Arc::new(ListenerHealth::default());
     let tracker = TaskTracker::new();
 
+    // The listener starts at the current heads, read before the first socket is accepted:
+    // clients that were away catch up with `since`, new ones get everything from now on.
+    let start = events::heads(&**pool.get().await.map_err(DbError::from)?).await?;
     let follower = Listener::new(
         &config.database,
+        start,
         Arc::clone(&hub),
         Arc::clone(&metrics),
         Arc::clone(&listener_health),

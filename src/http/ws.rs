@@ -27,9 +27,10 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 /// Largest message a POS may send. POS clients only receive (and at most ack); 4 KiB keeps a
 /// hostile client from making the server buffer anything sizeable.
 pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
-/// tungstenite's read buffer per socket; its 128 KiB default is sized for throughput, and 10k
-/// idle terminals would hold 1.25 GB with it.
-pub const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite's read buffer per socket, allocated up front; its 128 KiB default is sized for
+/// throughput, and 10k idle terminals would hold 1.25 GB with it. A POS sends only pongs and
+/// acks (tens of bytes); the buffer still grows on demand up to MAX_INCOMING_MESSAGE.
+pub const READ_BUFFER: usize = 512;
 /// Largest write backlog inside tungstenite for one socket: one maximal frame (a 256 KiB
 /// broadcast plus envelope) and a close frame. Our own queue (the hub's) bounds the rest.
 pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
