@@ -190,3 +190,65 @@ async fn a_configured_token_is_required() {
     );
     assert_eq!(db.event_count().await, 1);
 }
+
+#[tokio::test]
+async fn concurrent_broadcasts_are_batched_without_losing_or_mixing_any() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    db.tenant("bistro").await;
+    let server = TestServer::start(&db).await;
+    let mut kitchen = Pos::connect(&server, "kitchen", &db.key("kitchen").await, None).await;
+    let mut bistro = Pos::connect(&server, "bistro", &db.key("bistro").await, None).await;
+    let client = reqwest::Client::new();
+    let url = server.http("/broadcast");
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        let tenant = ["kitchen", "bistro", "ghost"][i % 3];
+        let (client, url) = (client.clone(), url.clone());
+        calls.push(tokio::spawn(async move {
+            let body = json!({"tenant": tenant, "event": {"type": "n", "data": {"i": i}}});
+            let r = client.post(url).json(&body).send().await.unwrap();
+            (
+                tenant,
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }));
+    }
+    let mut ids = std::collections::HashMap::<&str, Vec<i64>>::new();
+    for call in calls {
+        let (tenant, status, body) = call.await.unwrap();
+        if tenant == "ghost" {
+            assert_eq!(status, 404, "{body}");
+        } else {
+            assert_eq!(status, 200, "{body}");
+            ids.entry(tenant)
+                .or_default()
+                .push(body["id"].as_i64().unwrap());
+        }
+    }
+    for (tenant, pos) in [("kitchen", &mut kitchen), ("bistro", &mut bistro)] {
+        let mut got = ids.remove(tenant).unwrap();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            (1..=100).collect::<Vec<_>>(),
+            "{tenant}: every answer has its own id"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for want in 1..=100 {
+            let ev = pos.next().await;
+            assert_eq!(ev["id"], want);
+            assert_eq!(ev["tenant"], tenant);
+            assert!(
+                seen.insert(ev["data"]["i"].as_i64().unwrap()),
+                "no event twice"
+            );
+        }
+    }
+    assert_eq!(
+        db.event_count().await,
+        200,
+        "the unknown tenant's requests wrote nothing"
+    );
+}

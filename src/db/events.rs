@@ -42,27 +42,41 @@ pub struct Broadcast {
     pub data: String,
 }
 
-/// Appends broadcasts to the log in one transaction, in order. Returns, per broadcast, its id,
-/// or `None` when its tenant does not exist (that one writes nothing; the others still do).
+/// Appends broadcasts to the log in one transaction and one statement. Returns, per broadcast
+/// (same order as `batch`), its id, or `None` when its tenant does not exist (that one writes
+/// nothing; the others still do).
+///
+/// The requests of a batch are concurrent, so any order among them is a valid one; rows are
+/// emitted in tenant order so that two instances' batches lock `tenant_seq` rows in the same
+/// order and cannot deadlock. A client's own sequential requests are in different batches (it
+/// waits for each answer), so their order is kept.
 pub async fn append_broadcasts(
     client: &mut deadpool_postgres::Object,
     batch: &[Broadcast],
 ) -> Result<Vec<Option<i64>>, DbError> {
+    let tenants: Vec<&str> = batch.iter().map(|b| b.tenant.as_str()).collect();
+    let kinds: Vec<&str> = batch.iter().map(|b| b.kind.as_str()).collect();
+    let data: Vec<&str> = batch.iter().map(|b| b.data.as_str()).collect();
+    let stamps: Vec<Option<&str>> = batch.iter().map(|b| b.timestamp.as_deref()).collect();
     let tx = client.transaction().await?;
     let stmt = tx
         .prepare_cached(
-            "SELECT orderpush.emit(t.slug, $2, $3::text::json, $4, 'broadcast')
-             FROM public.tenants t WHERE t.slug = $1",
+            "SELECT b.i, orderpush.emit(b.tenant, b.kind, b.data::json, b.ts, 'broadcast')
+             FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                       WITH ORDINALITY AS u(tenant, kind, data, ts, i)
+                   WHERE EXISTS (SELECT 1 FROM public.tenants t WHERE t.slug = u.tenant)
+                   ORDER BY u.tenant, u.i OFFSET 0) b",
         )
         .await?;
-    let mut ids = Vec::with_capacity(batch.len());
-    for b in batch {
-        let row = tx
-            .query_opt(&stmt, &[&b.tenant, &b.kind, &b.data, &b.timestamp])
-            .await?;
-        ids.push(row.map(|r| r.get::<_, i64>(0)));
-    }
+    let rows = tx.query(&stmt, &[&tenants, &kinds, &data, &stamps]).await?;
     tx.commit().await?;
+    let mut ids = vec![None; batch.len()];
+    for row in rows {
+        let i: i64 = row.get(0);
+        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| ids.get_mut(i)) {
+            *slot = Some(row.get::<_, i64>(1));
+        }
+    }
     Ok(ids)
 }
 
