@@ -1,7 +1,9 @@
 //! Per-tenant fan-out: the listener hands each committed event to every socket of its tenant,
 //! through one bounded queue per socket, so a slow POS never delays the listener or other POS.
+//! The hub also keeps each tenant's most recent frames, so a POS that reconnects with `since`
+//! (after a blip, or all 10k at once after a restart) is served from memory, not the database.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -51,9 +53,72 @@ struct Client {
     key_id: Arc<str>,
 }
 
+/// Recent frames kept per tenant for resuming from memory. 64 frames is minutes of a busy
+/// kitchen's traffic, which covers a reconnect after a network blip or a restart.
+pub const RECENT_FRAMES: usize = 64;
+/// Byte cap of one tenant's recent frames: with orders of ~1 KB the frame cap binds first; a
+/// burst of very large events shortens the history instead of growing memory. Worst case the
+/// hub holds `tenants × 64 KiB`.
+pub const RECENT_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Default)]
 struct Tenant {
     clients: HashMap<u64, Client>,
+    /// Contiguous ids ending at `last_id` (possibly empty).
+    recent: VecDeque<Frame>,
+    recent_bytes: usize,
+    /// The last id published (or the listener's starting point); `None` until known.
+    last_id: Option<i64>,
+}
+
+impl Tenant {
+    fn remember(&mut self, frame: &Frame) {
+        if self.last_id.is_some_and(|last| frame.id != last + 1) {
+            // A jump (pruned rows, a restored database): history is no longer contiguous.
+            self.recent.clear();
+            self.recent_bytes = 0;
+        }
+        self.last_id = Some(frame.id);
+        self.recent_bytes += frame.text.len();
+        self.recent.push_back(frame.clone());
+        while self.recent.len() > RECENT_FRAMES || self.recent_bytes > RECENT_BYTES {
+            match self.recent.pop_front() {
+                Some(old) => self.recent_bytes -= old.text.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn replay_after(&self, since: Option<i64>) -> Replay {
+        let Some(since) = since else {
+            return Replay::Frames(Vec::new());
+        };
+        match self.last_id {
+            Some(last) if since == last => Replay::Frames(Vec::new()),
+            Some(last) if since < last => match self.recent.front() {
+                Some(first) if first.id <= since + 1 => Replay::Frames(
+                    self.recent
+                        .iter()
+                        .filter(|f| f.id > since)
+                        .cloned()
+                        .collect(),
+                ),
+                _ => Replay::Database,
+            },
+            // Ahead of what this instance has published (or unknown): the database decides
+            // whether the listener is behind or the client is ahead of the log.
+            _ => Replay::Database,
+        }
+    }
+}
+
+/// How a new socket catches up to `since`.
+#[derive(Debug)]
+pub enum Replay {
+    /// These frames (possibly none), in order, bring it up to date; live frames follow.
+    Frames(Vec<Frame>),
+    /// Memory does not reach back far enough: replay from the event log.
+    Database,
 }
 
 /// What one `publish` did, for the seed's log line and the metrics.
@@ -134,9 +199,15 @@ impl Hub {
         })
     }
 
-    /// Registers a socket for a tenant's live events. Events published after this returns are
-    /// queued for it; the caller replays older ones from the database.
-    pub fn subscribe(self: &Arc<Self>, tenant: &Arc<str>, key_id: &str) -> Subscription {
+    /// Registers a socket for a tenant's live events, and says how it catches up from `since`:
+    /// both are decided under the tenant's lock, so no frame falls between the replay and the
+    /// queue. Events published after this returns are queued for the socket.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        key_id: &str,
+        since: Option<i64>,
+    ) -> (Subscription, Replay) {
         let (tx, rx) = mpsc::channel(self.queue_frames);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let kick = Arc::new(Kick::default());
@@ -147,44 +218,65 @@ impl Hub {
             kick: Arc::clone(&kick),
             key_id: Arc::from(key_id),
         };
-        {
+        let replay = {
             let mut map = lock(&self.tenants);
-            let tenant_state = map.entry(Arc::clone(tenant)).or_default();
-            lock(tenant_state).clients.insert(client, entry);
-        }
-        Subscription {
+            let mut t = lock(map.entry(Arc::clone(tenant)).or_default());
+            t.clients.insert(client, entry);
+            t.replay_after(since)
+        };
+        let sub = Subscription {
             rx,
             queued_bytes,
             kick,
             hub: Arc::clone(self),
             tenant: Arc::clone(tenant),
             client,
+        };
+        (sub, replay)
+    }
+
+    /// Sets a tenant's starting point and recent history (frames contiguous, ending at
+    /// `last_id`), e.g. at start-up or after the event counter went backwards.
+    pub fn reset(&self, tenant: &str, last_id: i64, recent: Vec<Frame>) {
+        let state = Arc::clone(lock(&self.tenants).entry(Arc::from(tenant)).or_default());
+        let mut t = lock(&state);
+        t.recent.clear();
+        t.recent_bytes = 0;
+        t.last_id = None;
+        for f in recent.iter().filter(|f| f.id <= last_id) {
+            t.remember(f);
+        }
+        if t.last_id != Some(last_id) {
+            t.recent.clear();
+            t.recent_bytes = 0;
+            t.last_id = Some(last_id);
         }
     }
 
     fn remove(&self, tenant: &str, client: u64) {
-        let mut map = lock(&self.tenants);
-        if let Some(t) = map.get(tenant) {
-            let now_empty = {
-                let mut t = lock(t);
-                t.clients.remove(&client);
-                t.clients.is_empty()
-            };
-            if now_empty {
-                map.remove(tenant);
-            }
+        // The tenant's entry stays (it holds the recent history); entries are bounded by the
+        // number of tenants.
+        let state = lock(&self.tenants).get(tenant).cloned();
+        if let Some(state) = state {
+            lock(&state).clients.remove(&client);
         }
     }
 
-    /// Queues a frame for every socket of the tenant. A socket whose queue would exceed its
-    /// bounds is kicked as a slow consumer instead of being waited for.
+    /// Queues a frame for every socket of the tenant and remembers it for resumes. A socket
+    /// whose queue would exceed its bounds is kicked as a slow consumer instead of being waited
+    /// for.
     pub fn publish(&self, tenant: &str, frame: &Frame) -> Delivery {
-        let Some(state) = lock(&self.tenants).get(tenant).cloned() else {
-            return Delivery::default();
+        let state = {
+            let mut map = lock(&self.tenants);
+            match map.get(tenant) {
+                Some(s) => Arc::clone(s),
+                None => Arc::clone(map.entry(Arc::from(tenant)).or_default()),
+            }
         };
         let len = frame.text.len();
         let mut delivery = Delivery::default();
         let mut t = lock(&state);
+        t.remember(frame);
         t.clients.retain(|_, c| {
             if c.kick.token.is_cancelled() {
                 return false;
@@ -205,15 +297,6 @@ impl Hub {
             }
             sent
         });
-        let empty = t.clients.is_empty();
-        drop(t);
-        if empty {
-            // Lock order map → tenant; re-check under both, a socket may have joined meanwhile.
-            let mut map = lock(&self.tenants);
-            if map.get(tenant).is_some_and(|s| lock(s).clients.is_empty()) {
-                map.remove(tenant);
-            }
-        }
         delivery
     }
 
@@ -284,12 +367,19 @@ mod tests {
         }
     }
 
+    fn ids(r: Replay) -> Option<Vec<i64>> {
+        match r {
+            Replay::Frames(f) => Some(f.iter().map(|f| f.id).collect()),
+            Replay::Database => None,
+        }
+    }
+
     #[tokio::test]
     async fn a_full_queue_kicks_only_that_socket() {
         let hub = Hub::new(10, 100, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
-        let mut fast = hub.subscribe(&tenant, "k1");
-        let slow = hub.subscribe(&tenant, "k2");
+        let (mut fast, _) = hub.subscribe(&tenant, "k1", None);
+        let (slow, _) = hub.subscribe(&tenant, "k2", None);
         assert_eq!(
             hub.publish("kitchen", &frame(1, "12345")),
             Delivery { sent: 2, failed: 0 }
@@ -306,14 +396,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropping_the_last_subscription_forgets_the_tenant() {
+    async fn dropping_a_subscription_unregisters_it() {
         let hub = Hub::new(1024, 16, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
-        let sub = hub.subscribe(&tenant, "k1");
+        let (sub, _) = hub.subscribe(&tenant, "k1", None);
         assert_eq!(hub.connected_key_ids(), vec!["k1".to_string()]);
         drop(sub);
         assert_eq!(hub.tenant_connections("kitchen"), 0);
-        assert!(lock(&hub.tenants).is_empty());
+        assert!(hub.connected_key_ids().is_empty());
         assert_eq!(hub.publish("kitchen", &frame(1, "x")), Delivery::default());
     }
 
@@ -321,10 +411,71 @@ mod tests {
     async fn revoked_keys_are_kicked() {
         let hub = Hub::new(1024, 16, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
-        let a = hub.subscribe(&tenant, "k1");
-        let b = hub.subscribe(&tenant, "k2");
+        let (a, _) = hub.subscribe(&tenant, "k1", None);
+        let (b, _) = hub.subscribe(&tenant, "k2", None);
         assert_eq!(hub.kick_keys(&["k1".into()], KickReason::KeyRevoked), 1);
         assert_eq!(a.kick_reason(), Some(KickReason::KeyRevoked));
         assert_eq!(b.kick_reason(), None);
+    }
+
+    #[test]
+    fn resumes_come_from_memory_while_history_reaches_back() {
+        let hub = Hub::new(1 << 20, 1024, Arc::default());
+        let tenant: Arc<str> = Arc::from("kitchen");
+        hub.reset("kitchen", 10, vec![frame(9, "a"), frame(10, "b")]);
+        for id in 11..=12 {
+            hub.publish("kitchen", &frame(id, "c"));
+        }
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(12)).1), Some(vec![]));
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(10)).1),
+            Some(vec![11, 12])
+        );
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(8)).1),
+            Some(vec![9, 10, 11, 12])
+        );
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(7)).1),
+            None,
+            "id 8 is not in memory"
+        );
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(13)).1),
+            None,
+            "ahead: ask the database"
+        );
+        assert_eq!(ids(hub.subscribe(&tenant, "k", None).1), Some(vec![]));
+        // A jump in ids drops the history rather than serving a hole.
+        hub.publish("kitchen", &frame(20, "d"));
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(12)).1), None);
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(19)).1), Some(vec![20]));
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let hub = Hub::new(1 << 20, 1024, Arc::default());
+        let tenant: Arc<str> = Arc::from("kitchen");
+        hub.reset("kitchen", 0, vec![]);
+        let last = (RECENT_FRAMES + 10) as i64;
+        for id in 1..=last {
+            hub.publish("kitchen", &frame(id, "x"));
+        }
+        let first_kept = last - RECENT_FRAMES as i64 + 1;
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(first_kept - 2)).1),
+            None
+        );
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(first_kept - 1)).1).map(|v| v.len()),
+            Some(RECENT_FRAMES)
+        );
+        let big = "y".repeat(RECENT_BYTES + 1);
+        hub.publish("kitchen", &frame(last + 1, &big));
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(last)).1),
+            None,
+            "too big to keep"
+        );
     }
 }

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub frames_sent: AtomicU64,
     /// Replayed frames sent for `?since=`.
     pub replayed_frames: AtomicU64,
+    /// Resumes (`?since=`) served from the hub's memory.
+    pub resumes_from_memory: AtomicU64,
+    /// Resumes (`?since=`) that had to read the event log.
+    pub resumes_from_database: AtomicU64,
     /// `resync_required` frames sent because `since` could not be honoured.
     pub resyncs: AtomicU64,
     /// /broadcast requests answered 200.
@@ -115,6 +119,15 @@ impl Metrics {
         self.connections.fetch_sub(1, Relaxed);
     }
 
+    /// Sockets closed for this reason so far.
+    pub fn disconnect_count(&self, reason: DisconnectReason) -> f64 {
+        let i = DisconnectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.disconnects[i].load(Relaxed) as f64
+    }
+
     /// Counts one event read from the log, by origin and type.
     pub fn event_received(&self, origin: crate::event::Origin, kind: &str) {
         let i = KNOWN_TYPES
@@ -145,92 +158,101 @@ impl Metrics {
     /// are appended as given.
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let mut simple = |name: &str, kind: &str, help: &str, value: f64| {
+        let load = |a: &AtomicU64| a.load(Relaxed) as f64;
+        let gauges: [(&str, &str, f64); 2] = [
+            (
+                "orderpush_connections",
+                "Open POS WebSocket connections.",
+                self.connections.load(Relaxed) as f64,
+            ),
+            (
+                "orderpush_listener_up",
+                "1 while the listener is connected and following.",
+                self.listener_up.load(Relaxed) as f64,
+            ),
+        ];
+        let counters: [(&str, &str, f64); 14] = [
+            (
+                "orderpush_connects_total",
+                "POS WebSocket connections accepted.",
+                load(&self.connects),
+            ),
+            (
+                "orderpush_auth_failures_total",
+                "WebSocket upgrades refused with 401 or 403.",
+                load(&self.auth_failures),
+            ),
+            (
+                "orderpush_frames_sent_total",
+                "Event frames written to POS sockets.",
+                load(&self.frames_sent),
+            ),
+            (
+                "orderpush_replayed_frames_total",
+                "Frames replayed for ?since=.",
+                load(&self.replayed_frames),
+            ),
+            (
+                "orderpush_resumes_from_memory_total",
+                "Resumes with ?since= served from memory.",
+                load(&self.resumes_from_memory),
+            ),
+            (
+                "orderpush_resumes_from_database_total",
+                "Resumes with ?since= that read the event log.",
+                load(&self.resumes_from_database),
+            ),
+            (
+                "orderpush_resyncs_total",
+                "resync_required frames sent.",
+                load(&self.resyncs),
+            ),
+            (
+                "orderpush_broadcasts_accepted_total",
+                "POST /broadcast requests accepted.",
+                load(&self.broadcasts_accepted),
+            ),
+            (
+                "orderpush_broadcasts_rejected_total",
+                "POST /broadcast requests rejected.",
+                load(&self.broadcasts_rejected),
+            ),
+            (
+                "orderpush_undelivered_events_total",
+                "Events for a tenant with no POS connected to this instance.",
+                load(&self.undelivered_events),
+            ),
+            (
+                "orderpush_listener_connects_total",
+                "Listener (re)connections.",
+                load(&self.listener_connects),
+            ),
+            (
+                "orderpush_listener_rows_total",
+                "Event rows read by the listener.",
+                load(&self.listener_rows),
+            ),
+            (
+                "orderpush_pruned_events_total",
+                "Events deleted by retention.",
+                load(&self.pruned_events),
+            ),
+            (
+                "orderpush_slow_client_disconnects_total",
+                "Sockets closed with 1013 because their queue was full.",
+                self.disconnect_count(DisconnectReason::SlowConsumer),
+            ),
+        ];
+        let kinds = gauges
+            .iter()
+            .chain(extra)
+            .map(|g| (g, "gauge"))
+            .chain(counters.iter().map(|c| (c, "counter")));
+        for ((name, help, value), kind) in kinds {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        simple(
-            "orderpush_connections",
-            "gauge",
-            "Open POS WebSocket connections.",
-            self.connections.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_connects_total",
-            "counter",
-            "POS WebSocket connections accepted.",
-            self.connects.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_auth_failures_total",
-            "counter",
-            "WebSocket upgrades refused with 401 or 403.",
-            self.auth_failures.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_frames_sent_total",
-            "counter",
-            "Event frames written to POS sockets.",
-            self.frames_sent.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_replayed_frames_total",
-            "counter",
-            "Frames replayed for ?since=.",
-            self.replayed_frames.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_resyncs_total",
-            "counter",
-            "resync_required frames sent.",
-            self.resyncs.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_broadcasts_accepted_total",
-            "counter",
-            "POST /broadcast requests accepted.",
-            self.broadcasts_accepted.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_broadcasts_rejected_total",
-            "counter",
-            "POST /broadcast requests rejected.",
-            self.broadcasts_rejected.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_undelivered_events_total",
-            "counter",
-            "Events for a tenant with no POS connected to this instance.",
-            self.undelivered_events.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_listener_connects_total",
-            "counter",
-            "Listener (re)connections.",
-            self.listener_connects.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_listener_up",
-            "gauge",
-            "1 while the listener is connected and following.",
-            self.listener_up.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_listener_rows_total",
-            "counter",
-            "Event rows read by the listener.",
-            self.listener_rows.load(Relaxed) as f64,
-        );
-        simple(
-            "orderpush_pruned_events_total",
-            "counter",
-            "Events deleted by retention.",
-            self.pruned_events.load(Relaxed) as f64,
-        );
-        for (name, help, value) in extra {
-            simple(name, "gauge", help, *value);
         }
 
         let _ = writeln!(

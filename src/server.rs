@@ -1,6 +1,7 @@
 //! Wires the service together and runs it until shutdown: migrations, the pool, the listener,
 //! the hub, the background jobs (revocation checks, retention) and the HTTP server.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +14,17 @@ use tracing::{info, warn};
 use crate::config::Tuning;
 use crate::db::{self, DbError, events, keys};
 use crate::http::{self, AppState, Shared, auth::KeyCache, broadcast};
-use crate::hub::{Hub, KickReason};
+use crate::hub::{Frame, Hub, KickReason, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth};
 use crate::metrics::Metrics;
 
 /// After shutdown starts, how long sockets get to send their 1001 close frames and background
 /// tasks to stop before the process exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How far back the hub's resume history is loaded at start-up: a POS that was away longer
+/// than this (or whose tenant is quiet) replays from the database instead.
+pub const PRELOAD_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// What `run` needs to know.
 #[derive(Debug, Clone)]
@@ -71,8 +76,29 @@ pub async fn run(
     let tracker = TaskTracker::new();
 
     // The listener starts at the current heads, read before the first socket is accepted:
-    // clients that were away catch up with `since`, new ones get everything from now on.
-    let start = events::heads(&**pool.get().await.map_err(DbError::from)?).await?;
+    // clients that were away catch up with `since`, new ones get everything from now on. The
+    // hub is seeded with each tenant's newest events, so the reconnect storm after a restart is
+    // served from memory.
+    let start = {
+        let client = pool.get().await.map_err(DbError::from)?;
+        let heads = events::heads(&**client).await?;
+        let recent = events::recent(&**client, RECENT_FRAMES as i64, PRELOAD_WINDOW).await?;
+        let mut by_tenant: HashMap<String, Vec<Frame>> = HashMap::new();
+        for e in recent {
+            let frame = Frame {
+                id: e.id,
+                text: e.to_frame().into(),
+            };
+            by_tenant
+                .entry(e.tenant.to_string())
+                .or_default()
+                .push(frame);
+        }
+        for (tenant, head) in &heads {
+            hub.reset(tenant, *head, by_tenant.remove(tenant).unwrap_or_default());
+        }
+        heads
+    };
     let follower = Listener::new(
         &config.database,
         start,

@@ -42,12 +42,85 @@ async fn since_replays_then_continues_live_without_gap_or_repeat() {
     );
 }
 
+async fn metric(server: &TestServer, name: &str) -> f64 {
+    let text = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+#[tokio::test]
+async fn recent_resumes_come_from_memory_older_ones_from_the_log() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let mut live = Pos::connect(&server, "kitchen", &key, None).await;
+    let client = db.client().await;
+    let total = orderpush::hub::RECENT_FRAMES as i64 + 30;
+    for i in 1..=total {
+        insert_loyalty(&client, "kitchen", i as i32).await;
+    }
+    for want in 1..=total {
+        assert_eq!(live.next().await["id"], want);
+    }
+    // Within the hub's history: memory.
+    let mut recent = Pos::connect(&server, "kitchen", &key, Some(total - 3)).await;
+    for want in total - 2..=total {
+        assert_eq!(recent.next().await["id"], want);
+    }
+    assert_eq!(
+        metric(&server, "orderpush_resumes_from_memory_total").await,
+        1.0
+    );
+    // Older than the history: the event log, with the same frames.
+    let mut old = Pos::connect(&server, "kitchen", &key, Some(5)).await;
+    for want in 6..=total {
+        assert_eq!(old.next().await["id"], want);
+    }
+    assert_eq!(
+        metric(&server, "orderpush_resumes_from_database_total").await,
+        1.0
+    );
+    insert_loyalty(&client, "kitchen", 0).await;
+    assert_eq!(old.next().await["id"], total + 1, "then live");
+    assert_eq!(recent.next().await["id"], total + 1);
+}
+
+#[tokio::test]
+async fn a_restarted_server_serves_resumes_from_preloaded_history() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let client = db.client().await;
+    for i in 1..=5 {
+        insert_loyalty(&client, "kitchen", i).await;
+    }
+    let server = TestServer::start(&db).await;
+    let mut pos = Pos::connect(&server, "kitchen", &key, Some(2)).await;
+    for want in 3..=5 {
+        assert_eq!(pos.next().await["id"], want);
+    }
+    assert_eq!(
+        metric(&server, "orderpush_resumes_from_memory_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&server, "orderpush_resumes_from_database_total").await,
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn since_older_than_retention_gets_resync_required_first() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
     let client = db.client().await;
     for i in 1..=3 {
         insert_loyalty(&client, "kitchen", i).await;
@@ -64,6 +137,7 @@ async fn since_older_than_retention_gets_resync_required_first() {
         .await
         .unwrap();
     assert_eq!(deleted, 2);
+    let server = TestServer::start(&db).await;
 
     // since=1 needs id 2, which is gone.
     let mut pos = Pos::connect(&server, "kitchen", &key, Some(1)).await;

@@ -131,6 +131,28 @@ pub async fn read_ranges(
     Ok(out)
 }
 
+/// Each tenant's newest events (at most `per_tenant`, emitted within `window`), ordered by
+/// tenant then id: the hub's resume history at start-up.
+pub async fn recent(
+    client: &impl GenericClient,
+    per_tenant: i64,
+    window: Duration,
+) -> Result<Vec<Event>, DbError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM orderpush.tenant_seq s
+         CROSS JOIN LATERAL (
+             SELECT * FROM orderpush.events x
+             WHERE x.tenant_slug = s.tenant_slug AND x.id <= s.seq
+               AND x.emitted_at > now() - $2::float8 * interval '1 second'
+             ORDER BY x.id DESC LIMIT $1) e
+         ORDER BY e.tenant_slug, e.id"
+    );
+    let rows = client
+        .query(&sql, &[&per_tenant, &window.as_secs_f64()])
+        .await?;
+    Ok(rows.iter().map(|r| event_from_row(r, None)).collect())
+}
+
 /// A tenant's events with `id > after`, in order, at most `limit`.
 pub async fn replay(
     client: &impl GenericClient,

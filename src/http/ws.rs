@@ -19,7 +19,7 @@ use super::{AppState, Error};
 use crate::db::events;
 use crate::db::keys::{self, KeyIdentity};
 use crate::event;
-use crate::hub::{KickReason, Subscription};
+use crate::hub::{KickReason, Replay, Subscription};
 use crate::metrics::DisconnectReason;
 
 /// The header a POS presents its key in (the seed's).
@@ -139,8 +139,8 @@ async fn serve_socket(
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key.id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let mut sub = state.hub.subscribe(&tenant, &key.id);
-    let reason = run(&mut socket, &state, &tenant, &mut sub, since).await;
+    let (mut sub, replay) = state.hub.subscribe(&tenant, &key.id, since);
+    let reason = run(&mut socket, &state, &tenant, &mut sub, since, replay).await;
     drop(sub);
     let close = match reason {
         DisconnectReason::Shutdown => Some((close_code::GOING_AWAY, "server shutting down")),
@@ -179,13 +179,42 @@ async fn run(
     tenant: &Arc<str>,
     sub: &mut Subscription,
     since: Option<i64>,
+    replay: Replay,
 ) -> DisconnectReason {
-    let mut last_sent = match since {
-        Some(since) => match catch_up(socket, state, tenant, sub, since).await {
-            Ok(last) => Some(last),
-            Err(Stop::Ended(reason)) => return reason,
-        },
-        None => None,
+    let mut last_sent = match (since, replay) {
+        (None, _) => None,
+        (Some(since), Replay::Frames(frames)) => {
+            // Served from the hub's memory: no database query on the reconnect path.
+            state
+                .metrics
+                .resumes_from_memory
+                .fetch_add(1, Ordering::Relaxed);
+            let mut last = since;
+            for frame in frames {
+                if let Err(Stop::Ended(reason)) =
+                    send(socket, state, sub, Message::Text(frame.text)).await
+                {
+                    return reason;
+                }
+                state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+                state
+                    .metrics
+                    .replayed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                last = frame.id;
+            }
+            Some(last)
+        }
+        (Some(since), Replay::Database) => {
+            state
+                .metrics
+                .resumes_from_database
+                .fetch_add(1, Ordering::Relaxed);
+            match catch_up(socket, state, tenant, sub, since).await {
+                Ok(last) => Some(last),
+                Err(Stop::Ended(reason)) => return reason,
+            }
+        }
     };
     let mut ping = tokio::time::interval(state.tuning.ping_interval);
     ping.tick().await;
