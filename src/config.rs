@@ -35,12 +35,18 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the service: HTTP + WebSocket on one port, plus the Postgres listener.
     Serve(ServeArgs),
-    /// Apply the embedded database migrations.
+    /// Apply the embedded database migrations (`migrate status`, `migrate --dry-run`).
     Migrate(MigrateArgs),
     /// Manage POS API keys.
     Keys(KeysArgs),
     /// Delete retained events older than the retention.
     Prune(PruneArgs),
+    /// Show, per application table, which orderpush triggers are installed and enabled.
+    Triggers(TriggersArgs),
+    /// Remove every orderpush object (triggers, schema, history); the app's tables stay.
+    Uninstall(UninstallArgs),
+    /// Print a tenant's events as they arrive, reconnecting with `since` by itself.
+    Tail(TailArgs),
 }
 
 /// The database connection, shared by every subcommand that touches it.
@@ -87,10 +93,82 @@ pub struct ServeArgs {
 
 /// `orderpush migrate`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct MigrateArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub db: DbArgs,
+    /// `migrate status`; without a subcommand, apply the pending migrations.
+    #[command(subcommand)]
+    pub command: Option<MigrateCommand>,
+    /// Print the SQL that would run, in order, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long one DDL statement may wait for a table lock before the attempt fails.
+    #[arg(long, env = "ORDERPUSH_MIGRATE_LOCK_TIMEOUT", value_parser = parse_duration,
+          default_value = "5s")]
+    pub lock_timeout: Duration,
+    /// Attempts when a lock cannot be had in time (1 = no retry), with a growing pause between.
+    #[arg(long, env = "ORDERPUSH_MIGRATE_ATTEMPTS", default_value_t = crate::db::migrate::LOCK_ATTEMPTS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MIGRATE_ATTEMPTS as i64))]
+    pub attempts: u32,
+    /// Apply migrations up to and including this version only.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub target: Option<i32>,
+}
+
+/// Upper bound for `migrate --attempts`: beyond this a deploy would hang for minutes on a lock a
+/// human must release anyway.
+pub const MAX_MIGRATE_ATTEMPTS: u32 = 20;
+
+/// `orderpush migrate ...` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// List applied migrations (date, checksum) and pending ones; changes nothing.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `orderpush triggers`.
+#[derive(Debug, Args)]
+pub struct TriggersArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `orderpush uninstall`.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Really remove everything (without it, the SQL is printed and nothing changes).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// `orderpush tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The service's WebSocket address, e.g. ws://127.0.0.1:9011.
+    #[arg(long, env = "ORDERPUSH_URL", default_value = "ws://127.0.0.1:9011")]
+    pub url: String,
+    /// The tenant whose events to print.
+    #[arg(long)]
+    pub tenant: String,
+    /// A POS API key of that tenant (prefer the env variable: a flag shows in `ps`).
+    #[arg(long, env = "ORDERPUSH_KEY", hide_env_values = true)]
+    pub key: String,
+    /// First replay every retained event after this id, then continue live.
+    #[arg(long)]
+    pub since: Option<i64>,
 }
 
 /// `orderpush keys ...`.

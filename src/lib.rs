@@ -21,6 +21,7 @@
 //! - [`http`]: the axum routes (`/ws/pos/{tenant}`, `/broadcast`, health, metrics).
 //! - [`metrics`]: counters and histograms rendered in Prometheus text format.
 //! - [`server`]: wires everything together and runs until shutdown.
+//! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
 
 pub mod config;
 pub mod db;
@@ -30,3 +31,4 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod server;
+pub mod tail;

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use orderpush::config::{Cli, Command, KeysCommand, LogFormat, Tuning};
-use orderpush::db::{self, events, keys};
+use orderpush::config::{Cli, Command, KeysCommand, LogFormat, MigrateCommand, Tuning};
+use orderpush::db::{self, events, keys, migrate, triggers, uninstall};
 use orderpush::server::{self, ServerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -62,13 +62,77 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             server::run(listener, config, shutdown).await?;
         }
         Command::Migrate(args) => {
-            let applied = db::migrate::run(args.db.database()?).await?;
-            if applied.is_empty() {
-                eprintln!("database is up to date");
+            let database = args.db.database()?;
+            let options = migrate::Options {
+                lock_timeout: args.lock_timeout,
+                attempts: args.attempts,
+                target: args.target,
+            };
+            match args.command {
+                Some(MigrateCommand::Status { json }) => {
+                    let statuses = migrate::status(database).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&statuses)?);
+                    } else {
+                        print!("{}", migrate::render_status(&statuses));
+                    }
+                }
+                None if args.dry_run => {
+                    let (sql, names) = migrate::dry_run(database, &options).await?;
+                    print!("{sql}");
+                    eprintln!(
+                        "dry run: {} migration(s) would be applied{}; nothing was changed",
+                        names.len(),
+                        if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }
+                    );
+                }
+                None => {
+                    let applied = migrate::apply(database, &options).await?;
+                    if applied.is_empty() {
+                        eprintln!("database is up to date");
+                    }
+                    for name in applied {
+                        eprintln!("applied {name}");
+                    }
+                }
             }
-            for name in applied {
-                eprintln!("applied {name}");
+        }
+        Command::Triggers(args) => {
+            let client = db::connect(args.db.database()?, "orderpush-cli").await?;
+            let report = triggers::report(&client).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", triggers::render(&report));
             }
+        }
+        Command::Uninstall(args) => {
+            if !args.yes {
+                print!("{}", uninstall::UNINSTALL_SQL);
+                bail!("nothing was changed: the SQL above is what `orderpush uninstall --yes` runs");
+            }
+            let client = db::connect(args.db.database()?, "orderpush-uninstall").await?;
+            let removed = uninstall::uninstall(&client).await?;
+            if removed.schema_existed {
+                eprintln!(
+                    "removed orderpush: {} event(s) and {} API key(s) deleted; application tables untouched",
+                    removed.events, removed.keys
+                );
+            } else {
+                eprintln!("orderpush was not installed; removed any leftovers");
+            }
+        }
+        Command::Tail(args) => {
+            let shutdown = CancellationToken::new();
+            // Deliberately detached: it lives as long as the process and only cancels a token.
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let options = orderpush::tail::Options {
+                url: args.url,
+                tenant: args.tenant,
+                key: args.key,
+                since: args.since,
+            };
+            orderpush::tail::run(options, print_event, shutdown).await?;
         }
         Command::Keys(args) => {
             let client = db::connect(args.db.database()?, "orderpush-cli").await?;
@@ -122,6 +186,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `tail`'s output: one pretty-printed JSON document per event, flushed at once so a pipe sees it.
+fn print_event(event: &serde_json::Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, event)?;
+    out.write_all(b"\n")?;
+    out.flush()
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -3,6 +3,8 @@
 pub mod events;
 pub mod keys;
 pub mod migrate;
+pub mod triggers;
+pub mod uninstall;
 
 use std::time::Duration;
 

@@ -1,0 +1,350 @@
+//! `orderpush tail`: a POS client for people. Connects to `/ws/pos/{tenant}` with an API key,
+//! hands every event to a callback (the binary prints it as pretty JSON), and reconnects by
+//! itself with `?since=<last id>` and a capped backoff, so nothing is missed across a restart.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::db::{is_valid_tenant_slug, keys};
+use crate::http::ws::close_code;
+
+/// First wait before reconnecting; doubled after each failed attempt.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between reconnection attempts: a tail left running through an outage is back
+/// within 10 s of the server's return, while a down server sees one attempt per 10 s per tail.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A connection that stayed up this long (or delivered an event) was healthy: the next
+/// disconnect starts again from [`BACKOFF_FIRST`] rather than continuing to grow.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// The server pings at least every 30 s (contract §5); hearing nothing for 75 s (two missed
+/// pings and slack) means the connection is dead even if TCP has not noticed.
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A TCP + WebSocket handshake that has not completed by then is retried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Characters of an HTTP error body quoted in messages.
+const BODY_EXCERPT_CHARS: usize = 300;
+
+/// What to tail.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `ws://host:port` (or the full `ws://host:port/ws/pos/{tenant}` URL).
+    pub url: String,
+    /// Tenant slug.
+    pub tenant: String,
+    /// The POS API key (`pos_<64 hex>`).
+    pub key: String,
+    /// Resume after this id; None starts with live events only.
+    pub since: Option<i64>,
+}
+
+/// Why tailing stopped for good (every other failure is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// The options cannot work (bad URL, slug or key syntax).
+    #[error("{0}")]
+    Invalid(String),
+    /// 401: no such key, or revoked. Retrying cannot help.
+    #[error(
+        "the server rejected the API key (HTTP 401: {0}): it is unknown or revoked; create one with `orderpush keys create --tenant TENANT`"
+    )]
+    Unauthorized(String),
+    /// 403: a valid key of another tenant.
+    #[error("the API key belongs to another tenant than '{tenant}' (HTTP 403: {body})")]
+    Forbidden {
+        /// The tenant asked for.
+        tenant: String,
+        /// The server's explanation.
+        body: String,
+    },
+    /// Another 4xx: the request itself is wrong (path, `since`).
+    #[error("the server refused the connection (HTTP {status}: {body})")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The server's explanation.
+        body: String,
+    },
+    /// Closed with 1008: the key was revoked while connected.
+    #[error("the server closed the connection: the API key was revoked (close code 1008)")]
+    Revoked,
+    /// The event callback failed (e.g. stdout closed).
+    #[error("cannot write the event: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Builds the WebSocket URL for one connection attempt.
+pub fn endpoint(base: &str, tenant: &str, since: Option<i64>) -> Result<String, TailError> {
+    let base = base.trim();
+    let rest = if let Some(r) = base.strip_prefix("ws://") {
+        r
+    } else if base.starts_with("wss://") {
+        return Err(TailError::Invalid(
+            "wss:// is not supported by this build of `orderpush tail`; connect to the service's \
+             own ws:// port (e.g. over an SSH tunnel) instead"
+                .into(),
+        ));
+    } else {
+        return Err(TailError::Invalid(format!(
+            "--url must start with ws:// (e.g. ws://127.0.0.1:9011), got '{base}'"
+        )));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || path.contains('?') {
+        return Err(TailError::Invalid(format!(
+            "--url must be ws://HOST:PORT (no query), got '{base}'"
+        )));
+    }
+    let expected = format!("/ws/pos/{tenant}");
+    let path = match path.trim_end_matches('/') {
+        "" => expected,
+        p if p == expected => expected,
+        p => {
+            return Err(TailError::Invalid(format!(
+                "--url path '{p}' is not {expected}; give just ws://HOST:PORT"
+            )));
+        }
+    };
+    Ok(match since {
+        Some(s) => format!("ws://{authority}{path}?since={s}"),
+        None => format!("ws://{authority}{path}"),
+    })
+}
+
+/// How one connection ended.
+enum Ended {
+    /// Retry, after the backoff (the reason is logged).
+    Retry(String),
+    /// Stop for good.
+    Fatal(TailError),
+    /// `shutdown` was cancelled.
+    Shutdown,
+}
+
+/// Tails until `shutdown` is cancelled or a failure that retrying cannot fix. Every event (each
+/// text frame, parsed) goes to `on_event` in order; the last `id` seen is the next `since`.
+pub async fn run(
+    options: Options,
+    mut on_event: impl FnMut(&Value) -> std::io::Result<()>,
+    shutdown: CancellationToken,
+) -> Result<(), TailError> {
+    if !is_valid_tenant_slug(&options.tenant) {
+        return Err(TailError::Invalid(format!(
+            "'{}' is not a tenant slug (lower-case letters, digits and '-')",
+            options.tenant
+        )));
+    }
+    if !keys::is_well_formed(&options.key) {
+        return Err(TailError::Invalid(
+            "the key must look like pos_<64 hex digits> (as printed by `orderpush keys create`)"
+                .into(),
+        ));
+    }
+    if options.since.is_some_and(|s| s < 0) {
+        return Err(TailError::Invalid("--since must be 0 or more".into()));
+    }
+    endpoint(&options.url, &options.tenant, None)?;
+    let mut since = options.since;
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let url = endpoint(&options.url, &options.tenant, since)?;
+        let started = Instant::now();
+        let mut delivered = false;
+        let ended = session(
+            &url,
+            &options,
+            &mut since,
+            &mut delivered,
+            &mut on_event,
+            &shutdown,
+        )
+        .await;
+        let reason = match ended {
+            Ended::Shutdown => return Ok(()),
+            Ended::Fatal(e) => return Err(e),
+            Ended::Retry(reason) => reason,
+        };
+        if delivered || started.elapsed() >= HEALTHY_AFTER {
+            backoff = BACKOFF_FIRST;
+        }
+        let resume = match since {
+            Some(s) => format!("since={s}"),
+            None => "live only (no event seen yet to resume from)".into(),
+        };
+        warn!(
+            "{reason}; reconnecting in {} ms, {resume}",
+            backoff.as_millis()
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(
+    url: &str,
+    options: &Options,
+    since: &mut Option<i64>,
+    delivered: &mut bool,
+    on_event: &mut impl FnMut(&Value) -> std::io::Result<()>,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut request = match url.into_client_request() {
+        Ok(r) => r,
+        Err(e) => return Ended::Fatal(TailError::Invalid(format!("bad URL {url}: {e}"))),
+    };
+    match options.key.parse() {
+        Ok(v) => {
+            request.headers_mut().insert("X-API-Key", v);
+        }
+        Err(_) => return Ended::Fatal(TailError::Invalid("the key is not a valid header".into())),
+    }
+    let connect = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async(request),
+    );
+    let mut ws = tokio::select! {
+        _ = shutdown.cancelled() => return Ended::Shutdown,
+        r = connect => match r {
+            Err(_) => return Ended::Retry(format!("no answer from {url} within {} s", CONNECT_TIMEOUT.as_secs())),
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(tungstenite::Error::Http(resp))) => return refused(options, resp.status().as_u16(), resp.body().as_deref()),
+            Ok(Err(e)) => return Ended::Retry(format!("cannot connect to {url}: {e}")),
+        }
+    };
+    info!("connected to {url}");
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "tail stopped".into() })).await;
+                return Ended::Shutdown;
+            }
+            r = tokio::time::timeout(SILENCE_TIMEOUT, ws.next()) => r,
+        };
+        let msg = match next {
+            Err(_) => {
+                return Ended::Retry(format!(
+                    "nothing heard for {} s (not even a ping)",
+                    SILENCE_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(None) => return Ended::Retry("the connection ended without a close frame".into()),
+            Ok(Some(Err(e))) => return Ended::Retry(format!("the connection failed: {e}")),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(text) => {
+                let value = serde_json::from_str::<Value>(&text)
+                    .unwrap_or_else(|_| Value::String(text.to_string()));
+                if let Some(id) = value.get("id").and_then(Value::as_i64) {
+                    *since = Some(id);
+                }
+                *delivered = true;
+                if let Err(e) = on_event(&value) {
+                    return Ended::Fatal(e.into());
+                }
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                if code == close_code::POLICY {
+                    return Ended::Fatal(TailError::Revoked);
+                }
+                return Ended::Retry(format!(
+                    "the server closed the connection ({code} {}{})",
+                    close_meaning(code),
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    }
+                ));
+            }
+            // Pings are answered by tungstenite itself on the next read.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Message::Binary(_) => warn!("ignoring a binary frame (events are text)"),
+        }
+    }
+}
+
+fn refused(options: &Options, status: u16, body: Option<&[u8]>) -> Ended {
+    let body = body
+        .map(|b| {
+            let text = String::from_utf8_lossy(b);
+            // The service answers {"success": false, "error": "..."}; show just the error.
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| text.chars().take(BODY_EXCERPT_CHARS).collect())
+        })
+        .unwrap_or_default();
+    match status {
+        401 => Ended::Fatal(TailError::Unauthorized(body)),
+        403 => Ended::Fatal(TailError::Forbidden {
+            tenant: options.tenant.clone(),
+            body,
+        }),
+        // 408 and 429 are worth retrying; any other 4xx means the request is wrong.
+        408 | 429 => Ended::Retry(format!("the server answered HTTP {status}: {body}")),
+        400..=499 => Ended::Fatal(TailError::Rejected { status, body }),
+        _ => Ended::Retry(format!("the server answered HTTP {status}: {body}")),
+    }
+}
+
+/// What a close code from orderpush means, for the log line.
+pub fn close_meaning(code: u16) -> &'static str {
+    match code {
+        close_code::GOING_AWAY => "server shutting down",
+        close_code::POLICY => "API key revoked",
+        close_code::INTERNAL => "server error",
+        close_code::TRY_AGAIN_LATER => "client too slow",
+        1000 => "normal closure",
+        1005 => "no code",
+        _ => "unexpected code",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_accepts_a_base_url_and_rejects_others() {
+        assert_eq!(
+            endpoint("ws://h:9011", "kitchen", None).unwrap(),
+            "ws://h:9011/ws/pos/kitchen"
+        );
+        assert_eq!(
+            endpoint("ws://h:9011/", "kitchen", Some(7)).unwrap(),
+            "ws://h:9011/ws/pos/kitchen?since=7"
+        );
+        assert_eq!(
+            endpoint("ws://h:9011/ws/pos/kitchen", "kitchen", Some(0)).unwrap(),
+            "ws://h:9011/ws/pos/kitchen?since=0"
+        );
+        for bad in [
+            "http://h:9011",
+            "wss://h",
+            "ws://",
+            "ws://h/other",
+            "ws://h/ws/pos/bar",
+            "ws://h?x=1",
+        ] {
+            assert!(endpoint(bad, "kitchen", None).is_err(), "{bad}");
+        }
+    }
+}
