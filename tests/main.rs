@@ -3,6 +3,7 @@
 mod broadcast;
 mod cli;
 mod common;
+mod dba;
 mod events;
 mod resilience;
 mod resume;

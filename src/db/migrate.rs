@@ -272,17 +272,20 @@ struct Blocker {
 async fn blockers_of(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<Blocker>, DbError> {
     let rows = client
         .query(
-            "SELECT coalesce(w.relation::regclass::text, w.locktype), w.mode, b.pid,
+            "SELECT coalesce((SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+                              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                              WHERE c.oid = w.relation), w.locktype),
+                    w.mode, b.pid,
                     coalesce(b.application_name, ''), coalesce(b.usename::text, ''),
                     b.client_addr::text, coalesce(b.state, 'unknown'),
                     coalesce(extract(epoch FROM now() - b.xact_start)::bigint, 0),
-                    left(regexp_replace(coalesce(b.query, ''), '\\s+', ' ', 'g'), $2)
+                    regexp_replace(coalesce(b.query, ''), '\\s+', ' ', 'g')
              FROM pg_locks w
              CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid)
              JOIN pg_stat_activity b ON b.pid = bp.pid
              WHERE w.pid = $1 AND NOT w.granted
              ORDER BY b.pid",
-            &[&pid, &(QUERY_EXCERPT_CHARS as i32)],
+            &[&pid],
         )
         .await?;
     Ok(rows
@@ -296,9 +299,18 @@ async fn blockers_of(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<Bl
             client: r.get(5),
             state: r.get(6),
             transaction_seconds: r.get(7),
-            query: r.get(8),
+            query: excerpt(r.get(8)),
         })
         .collect())
+}
+
+fn excerpt(query: String) -> String {
+    if query.chars().count() <= QUERY_EXCERPT_CHARS {
+        return query;
+    }
+    let mut s: String = query.chars().take(QUERY_EXCERPT_CHARS).collect();
+    s.push('…');
+    s
 }
 
 /// Where one migration stands.

@@ -42,6 +42,15 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> Self {
+        let db = Self::create_empty().await;
+        orderpush::db::migrate::run(&db.config)
+            .await
+            .expect("migrations apply");
+        db
+    }
+
+    /// A database of its own with nothing in it (no migrations applied).
+    pub async fn create_empty() -> Self {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("orderpush_test_{}_{n}", std::process::id());
         let admin = connect(&admin_url().parse().unwrap()).await;
@@ -55,9 +64,6 @@ impl TestDb {
             .unwrap();
         let mut config: tokio_postgres::Config = admin_url().parse().unwrap();
         config.dbname(&name);
-        orderpush::db::migrate::run(&config)
-            .await
-            .expect("migrations apply");
         Self { name, config }
     }
 
@@ -147,6 +153,15 @@ impl TestServer {
     }
 
     pub async fn start_with(db: &TestDb, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::start_at(db, "127.0.0.1:0".parse().unwrap(), adjust).await
+    }
+
+    /// Starts on a given address (e.g. the one a stopped server had, to test reconnection).
+    pub async fn start_at(
+        db: &TestDb,
+        bind: SocketAddr,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let mut config = ServerConfig {
             database: db.config.clone(),
             broadcast_token: None,
@@ -155,7 +170,9 @@ impl TestServer {
             tuning: Tuning::default(),
         };
         adjust(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .expect("the address is free");
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(server::run(listener, config, shutdown.clone()));
