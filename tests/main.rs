@@ -7,4 +7,5 @@ mod dba;
 mod events;
 mod resilience;
 mod resume;
+mod tail;
 mod websocket;
