@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod dba;
 mod events;
+mod protocol;
 mod resilience;
 mod resume;
 mod tail;
