@@ -104,6 +104,9 @@ pub struct MigrateArgs {
     /// Print the SQL that would run, in order, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: leave out the per-migration BEGIN/COMMIT, for `psql --single-transaction`.
+    #[arg(long, requires = "dry_run")]
+    pub single_transaction: bool,
     /// How long one DDL statement may wait for a table lock before the attempt fails.
     #[arg(long, env = "ORDERPUSH_MIGRATE_LOCK_TIMEOUT", value_parser = parse_duration,
           default_value = "5s")]

@@ -78,7 +78,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     }
                 }
                 None if args.dry_run => {
-                    let (sql, names) = migrate::dry_run(database, &options).await?;
+                    let (sql, names) = migrate::dry_run(database, &options, args.single_transaction).await?;
                     print!("{sql}");
                     eprintln!(
                         "dry run: {} migration(s) would be applied{}; nothing was changed",

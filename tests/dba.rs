@@ -576,3 +576,88 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
         .get(0);
     assert_eq!(rows, 3);
 }
+
+// docs/dba.md's adaptation example, verbatim.
+const ADAPT: &str = r#"CREATE OR REPLACE FUNCTION orderpush.on_order_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    o public.orders%ROWTYPE;
+BEGIN
+    SELECT * INTO o FROM public.orders WHERE id = NEW.id;
+    IF NOT FOUND
+       OR NOT EXISTS (SELECT 1 FROM orderpush.new_order_sources s WHERE s.order_source = o.order_source)
+       OR orderpush.suppressed(o.tenant_slug) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM orderpush.emit(o.tenant_slug, 'new_order', json_build_object(
+        'orderId', o.id,
+        'orderNumber', o.order_number,
+        'customerName', o.customer_name,
+        'customerPhone', o.phone,
+        'orderType', o.order_type,
+        'orderSource', o.order_source,
+        'status', o.status,
+        'totalAmount', o.total_amount,
+        'items', coalesce((
+            SELECT json_agg(json_build_object(
+                       'menuItemId', i.menu_item_id,
+                       'name', i.name,
+                       'quantity', i.quantity,
+                       'price', i.price,
+                       'selectedAddons', i.addons,
+                       'specialInstructions', i.special_instructions) ORDER BY i.id)
+            FROM public.order_items i WHERE i.order_id = o.id), '[]'::json),
+        'specialInstructions', o.notes,
+        'scheduledFor', orderpush.iso(o.scheduled_for),
+        'createdAt', orderpush.iso(o.created_at)));
+    RETURN NULL;
+END
+$$;"#;
+
+#[tokio::test]
+async fn an_adapted_trigger_function_installs_atomically_and_reads_other_column_names() {
+    assert!(DBA_MD.contains(ADAPT), "docs/dba.md lost the adaptation example");
+    // An existing schema whose column names differ from contract §2.
+    let db = TestDb::create_empty().await;
+    migrate_to(&db, 1).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "ALTER TABLE orders RENAME COLUMN customer_phone TO phone;
+         ALTER TABLE orders RENAME COLUMN special_instructions TO notes;
+         ALTER TABLE order_items RENAME COLUMN selected_addons TO addons;
+         INSERT INTO tenants (slug, name) VALUES ('kitchen', 'Kitchen');",
+    )
+    .await
+    .unwrap();
+    let out = orderpush(&db, &["migrate", "--dry-run", "--single-transaction"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let install = text(&out.stdout);
+    assert!(!install.lines().any(|l| l == "BEGIN;" || l == "COMMIT;"));
+    // What `psql --single-transaction -f orderpush-install.sql -f V7__orderpush_adapt.sql` does.
+    c.batch_execute(&format!("BEGIN;\n{install}\n{ADAPT}\nCOMMIT;"))
+        .await
+        .unwrap();
+    assert!(status_json(&db).iter().all(|m| m["state"] == "applied"));
+
+    let key = db.key("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
+    c.batch_execute(
+        "BEGIN;
+         WITH o AS (
+           INSERT INTO orders (tenant_slug, order_number, order_type, order_source, status, total_amount, phone, notes)
+           VALUES ('kitchen', 'KIT-9', 'delivery', 'online', 'confirmed', 12.50, '07700900999', 'Back door')
+           RETURNING id)
+         INSERT INTO order_items (order_id, name, quantity, price, addons)
+         SELECT id, 'Soup', 1, 12.50, '[{\"name\": \"Bread\", \"price\": 0}]' FROM o;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let ev = pos.next().await;
+    assert_eq!(ev["type"], "new_order");
+    assert_eq!(ev["data"]["customerPhone"], "07700900999");
+    assert_eq!(ev["data"]["specialInstructions"], "Back door");
+    assert_eq!(ev["data"]["items"][0]["selectedAddons"][0]["name"], "Bread");
+    server.stop().await;
+}

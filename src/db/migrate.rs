@@ -442,9 +442,13 @@ pub async fn status(config: &tokio_postgres::Config) -> Result<Vec<MigrationStat
 /// The SQL `apply` would run, in order, as a script a DBA can read (or run with psql in a change
 /// window): session settings, refinery's history table, then per pending migration its SQL and
 /// its history row, each in its own transaction as refinery runs them. Reads only.
+///
+/// With `single_transaction`, the per-migration `BEGIN`/`COMMIT` are left out, so that
+/// `psql --single-transaction -f script.sql -f more.sql` runs it and further files atomically.
 pub async fn dry_run(
     config: &tokio_postgres::Config,
     options: &Options,
+    single_transaction: bool,
 ) -> Result<(String, Vec<String>), MigrateError> {
     let statuses = status(config).await?;
     if let Some(d) = statuses.iter().find(|s| s.state == State::Divergent) {
@@ -498,12 +502,23 @@ pub async fn dry_run(
         "CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (version int4 PRIMARY KEY, name varchar(255), \
          applied_on varchar(255), checksum varchar(255));"
     );
+    if single_transaction {
+        sql.push_str(
+            "-- No BEGIN/COMMIT: run it with `psql --single-transaction` (-1), e.g. together with \
+             your own adaptation file.\n",
+        );
+    }
+    let (begin, commit) = if single_transaction {
+        ("", "")
+    } else {
+        ("BEGIN;\n", "\nCOMMIT;")
+    };
     for m in pending {
         let body = m.sql().unwrap_or_default().trim_end();
         let _ = writeln!(
             sql,
-            "\n-- ==== {m} (checksum {}) ====\nBEGIN;\n{body}\n\nINSERT INTO {HISTORY_TABLE} (version, name, applied_on, checksum)\n\
-             VALUES ({}, '{}', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '{}');\nCOMMIT;",
+            "\n-- ==== {m} (checksum {}) ====\n{begin}{body}\n\nINSERT INTO {HISTORY_TABLE} (version, name, applied_on, checksum)\n\
+             VALUES ({}, '{}', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '{}');{commit}",
             m.checksum(),
             m.version(),
             m.name().replace('\'', "''"),
