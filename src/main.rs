@@ -36,6 +36,8 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a terminal: piped or captured logs stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -78,12 +80,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     }
                 }
                 None if args.dry_run => {
-                    let (sql, names) = migrate::dry_run(database, &options, args.single_transaction).await?;
+                    let (sql, names) =
+                        migrate::dry_run(database, &options, args.single_transaction).await?;
                     print!("{sql}");
                     eprintln!(
                         "dry run: {} migration(s) would be applied{}; nothing was changed",
                         names.len(),
-                        if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }
+                        if names.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", names.join(", "))
+                        }
                     );
                 }
                 None => {
@@ -109,7 +116,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Uninstall(args) => {
             if !args.yes {
                 print!("{}", uninstall::UNINSTALL_SQL);
-                bail!("nothing was changed: the SQL above is what `orderpush uninstall --yes` runs");
+                bail!(
+                    "nothing was changed: the SQL above is what `orderpush uninstall --yes` runs"
+                );
             }
             let client = db::connect(args.db.database()?, "orderpush-uninstall").await?;
             let removed = uninstall::uninstall(&client).await?;
@@ -188,12 +197,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `tail`'s output: one pretty-printed JSON document per event, flushed at once so a pipe sees it.
-fn print_event(event: &serde_json::Value) -> std::io::Result<()> {
+/// `tail`'s output: one pretty-printed JSON document per event (keys in the order sent), flushed
+/// at once so a pipe sees it.
+fn print_event(event: &serde_json::Value, raw: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, event)?;
-    out.write_all(b"\n")?;
+    match event {
+        serde_json::Value::String(s) if !raw.trim_start().starts_with('"') => writeln!(out, "{s}")?,
+        _ => writeln!(out, "{}", orderpush::tail::pretty(raw))?,
+    }
     out.flush()
 }
 

@@ -101,7 +101,7 @@ pub fn endpoint(base: &str, tenant: &str, since: Option<i64>) -> Result<String, 
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    if authority.is_empty() || path.contains('?') {
+    if authority.is_empty() || rest.contains(['?', '#']) {
         return Err(TailError::Invalid(format!(
             "--url must be ws://HOST:PORT (no query), got '{base}'"
         )));
@@ -132,11 +132,12 @@ enum Ended {
     Shutdown,
 }
 
-/// Tails until `shutdown` is cancelled or a failure that retrying cannot fix. Every event (each
-/// text frame, parsed) goes to `on_event` in order; the last `id` seen is the next `since`.
+/// Tails until `shutdown` is cancelled or a failure that retrying cannot fix. Every event goes to
+/// `on_event` in order, parsed and as the exact text received; the last `id` seen is the next
+/// `since`.
 pub async fn run(
     options: Options,
-    mut on_event: impl FnMut(&Value) -> std::io::Result<()>,
+    mut on_event: impl FnMut(&Value, &str) -> std::io::Result<()>,
     shutdown: CancellationToken,
 ) -> Result<(), TailError> {
     if !is_valid_tenant_slug(&options.tenant) {
@@ -199,7 +200,7 @@ async fn session(
     options: &Options,
     since: &mut Option<i64>,
     delivered: &mut bool,
-    on_event: &mut impl FnMut(&Value) -> std::io::Result<()>,
+    on_event: &mut impl FnMut(&Value, &str) -> std::io::Result<()>,
     shutdown: &CancellationToken,
 ) -> Ended {
     let mut request = match url.into_client_request() {
@@ -212,10 +213,7 @@ async fn session(
         }
         Err(_) => return Ended::Fatal(TailError::Invalid("the key is not a valid header".into())),
     }
-    let connect = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async(request),
-    );
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request));
     let mut ws = tokio::select! {
         _ = shutdown.cancelled() => return Ended::Shutdown,
         r = connect => match r {
@@ -253,7 +251,7 @@ async fn session(
                     *since = Some(id);
                 }
                 *delivered = true;
-                if let Err(e) = on_event(&value) {
+                if let Err(e) = on_event(&value, &text) {
                     return Ended::Fatal(e.into());
                 }
             }
@@ -265,12 +263,11 @@ async fn session(
                     return Ended::Fatal(TailError::Revoked);
                 }
                 return Ended::Retry(format!(
-                    "the server closed the connection ({code} {}{})",
-                    close_meaning(code),
+                    "the server closed the connection ({code}: {})",
                     if reason.is_empty() {
-                        String::new()
+                        close_meaning(code)
                     } else {
-                        format!(": {reason}")
+                        &reason
                     }
                 ));
             }
@@ -318,9 +315,80 @@ pub fn close_meaning(code: u16) -> &'static str {
     }
 }
 
+/// Indents JSON text two spaces per level without re-encoding it: keys keep the order and
+/// numbers the spelling the server sent (`45.00` stays `45.00`). The input must be valid JSON.
+pub fn pretty(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() * 2);
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.extend(std::iter::repeat_n(' ', depth * 2));
+    };
+    let mut chars = json.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                // Keep empty containers on one line: `[]`, `{}`.
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                if matches!(chars.peek(), Some('}') | Some(']')) {
+                    out.push(chars.next().unwrap_or_default());
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pretty_keeps_order_and_number_spelling() {
+        let raw = r#"{"type":"new_order","data":{"total":45.00,"items":[],"o":{},"s":"a,\"b\":{"},"id":1}"#;
+        let p = pretty(raw);
+        assert_eq!(
+            p,
+            "{\n  \"type\": \"new_order\",\n  \"data\": {\n    \"total\": 45.00,\n    \"items\": [],\n    \"o\": {},\n    \"s\": \"a,\\\"b\\\":{\"\n  },\n  \"id\": 1\n}"
+        );
+        let a: Value = serde_json::from_str(raw).unwrap();
+        let b: Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn endpoint_accepts_a_base_url_and_rejects_others() {

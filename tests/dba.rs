@@ -130,10 +130,18 @@ async fn dry_run_prints_the_sql_in_order_and_changes_nothing() {
     let before = fingerprint(&db).await;
     let out = orderpush(&db, &["migrate", "--dry-run"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(fingerprint(&db).await, before, "dry run changed the database");
+    assert_eq!(
+        fingerprint(&db).await,
+        before,
+        "dry run changed the database"
+    );
     let sql = text(&out.stdout);
-    let v1 = sql.find("-- ==== V1__application_tables").expect("V1 shown");
-    let v2 = sql.find("-- ==== V2__orderpush_event_log").expect("V2 shown");
+    let v1 = sql
+        .find("-- ==== V1__application_tables")
+        .expect("V1 shown");
+    let v2 = sql
+        .find("-- ==== V2__orderpush_event_log")
+        .expect("V2 shown");
     assert!(v1 < v2, "in order");
     assert!(sql.contains("CREATE CONSTRAINT TRIGGER orderpush_new_order"));
     assert!(sql.contains("SET lock_timeout"));
@@ -143,7 +151,11 @@ async fn dry_run_prints_the_sql_in_order_and_changes_nothing() {
     db.client().await.batch_execute(&sql).await.unwrap();
     assert!(status_json(&db).iter().all(|m| m["state"] == "applied"));
     let out = orderpush(&db, &["migrate"]);
-    assert!(text(&out.stderr).contains("up to date"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("up to date"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = orderpush(&db, &["migrate", "--dry-run"]);
     assert!(text(&out.stdout).contains("up to date"));
     assert!(!text(&out.stdout).contains("CREATE"));
@@ -261,7 +273,10 @@ async fn migrate_names_the_blocking_session_and_succeeds_once_it_ends() {
     app.batch_execute("COMMIT").await.unwrap();
     let (ok, stderr) = run.finish().await;
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("applied V2__orderpush_event_log"), "{stderr}");
+    assert!(
+        stderr.contains("applied V2__orderpush_event_log"),
+        "{stderr}"
+    );
     assert!(status_json(&db).iter().all(|m| m["state"] == "applied"));
 }
 
@@ -271,15 +286,15 @@ async fn migrate_gives_up_with_a_clear_message_when_the_lock_stays_held() {
     migrate_to(&db, 1).await;
     let _app = busy_writer(&db).await;
     let before = fingerprint(&db).await;
-    let mut run = Running::start(
-        &db,
-        &["migrate", "--lock-timeout", "1s", "--attempts", "2"],
-    );
+    let mut run = Running::start(&db, &["migrate", "--lock-timeout", "1s", "--attempts", "2"]);
     let (ok, stderr) = run.finish().await;
     assert!(!ok, "{stderr}");
     assert!(stderr.contains("attempt 1 of 2 failed"), "{stderr}");
     let last = stderr.lines().last().unwrap();
-    assert!(last.starts_with("error: gave up after 2 attempt(s)"), "{last}");
+    assert!(
+        last.starts_with("error: gave up after 2 attempt(s)"),
+        "{last}"
+    );
     assert!(last.contains("public.orders"), "{last}");
     assert!(last.contains("busy-web-app"), "{last}");
     assert_eq!(fingerprint(&db).await, before, "nothing of V2 stays behind");
@@ -366,9 +381,15 @@ async fn triggers_shows_what_is_installed_and_enabled() {
             .unwrap_or_else(|| panic!("{name} in\n{table}"))
             .to_owned()
     };
-    assert!(line("orderpush_order_updated").ends_with("DISABLED"), "{table}");
+    assert!(
+        line("orderpush_order_updated").ends_with("DISABLED"),
+        "{table}"
+    );
     assert!(line("orderpush_new_order").ends_with("enabled"), "{table}");
-    assert!(line("orderpush_loyalty_updated").ends_with("MISSING"), "{table}");
+    assert!(
+        line("orderpush_loyalty_updated").ends_with("MISSING"),
+        "{table}"
+    );
     assert!(line("public.order_items").contains("no orderpush trigger"));
     assert!(table.contains("wake-up mode:      gated"), "{table}");
 }
@@ -473,7 +494,10 @@ async fn the_documented_dba_controls_work() {
     assert_eq!(ev["id"], 3);
     insert_loyalty(&c, "kitchen", 5).await;
     let ev = pos.next().await;
-    assert_eq!(ev["type"], "loyalty_updated", "nothing else in between: {ev}");
+    assert_eq!(
+        ev["type"], "loyalty_updated",
+        "nothing else in between: {ev}"
+    );
     assert_eq!(ev["id"], 4);
 }
 
@@ -517,13 +541,15 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
     server.stop().await;
     // The server's sessions end a moment after its sockets close.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while orderpush::db::uninstall::other_sessions(&db.client().await)
+    while !orderpush::db::uninstall::other_sessions(&db.client().await)
         .await
         .unwrap()
-        .len()
-        > 0
+        .is_empty()
     {
-        assert!(tokio::time::Instant::now() < deadline, "server sessions linger");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server sessions linger"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -568,7 +594,11 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(status_json(&db).iter().all(|m| m["state"] == "applied"));
     insert_order(&mut c, "kitchen", "KIT-3", 1).await;
-    assert_eq!(db.event_count().await, 1, "triggers emit again after reinstall");
+    assert_eq!(
+        db.event_count().await,
+        1,
+        "triggers emit again after reinstall"
+    );
     let rows: i64 = c
         .query_one("SELECT count(*) FROM orders", &[])
         .await
@@ -616,7 +646,10 @@ $$;"#;
 
 #[tokio::test]
 async fn an_adapted_trigger_function_installs_atomically_and_reads_other_column_names() {
-    assert!(DBA_MD.contains(ADAPT), "docs/dba.md lost the adaptation example");
+    assert!(
+        DBA_MD.contains(ADAPT),
+        "docs/dba.md lost the adaptation example"
+    );
     // An existing schema whose column names differ from contract §2.
     let db = TestDb::create_empty().await;
     migrate_to(&db, 1).await;

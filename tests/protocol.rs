@@ -17,7 +17,9 @@ const MARKER: &str = "<!-- pos-client.js:";
 
 /// The js block after the marker in docs/protocol.md.
 fn client_source() -> String {
-    let from = PROTOCOL_MD.find(MARKER).expect("marker in docs/protocol.md");
+    let from = PROTOCOL_MD
+        .find(MARKER)
+        .expect("marker in docs/protocol.md");
     let rest = &PROTOCOL_MD[from..];
     let start = rest.find("```js\n").expect("a js block after the marker") + 6;
     let len = rest[start..].find("\n```").expect("the block ends");
@@ -133,7 +135,8 @@ async fn the_documented_javascript_client_resumes_with_since() {
         eprintln!("skipped: {why}");
         return;
     }
-    let script = std::env::temp_dir().join(format!("orderpush-pos-client-{}.js", std::process::id()));
+    let script =
+        std::env::temp_dir().join(format!("orderpush-pos-client-{}.js", std::process::id()));
     std::fs::write(&script, client_source()).unwrap();
 
     let db = TestDb::create().await;
@@ -164,7 +167,10 @@ async fn the_documented_javascript_client_resumes_with_since() {
     assert_eq!(pos.next().await["id"], 3);
     insert_loyalty(&c, "kitchen", 4).await;
     let ev = pos.next().await;
-    assert_eq!((ev["type"].as_str(), ev["id"].as_i64()), (Some("loyalty_updated"), Some(4)));
+    assert_eq!(
+        (ev["type"].as_str(), ev["id"].as_i64()),
+        (Some("loyalty_updated"), Some(4))
+    );
 
     // Restart the server; an event written meanwhile arrives after the reconnect.
     server.stop().await;

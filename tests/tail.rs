@@ -128,7 +128,9 @@ async fn tail_prints_events_and_resumes_across_a_server_restart() {
     let key = db.key("kitchen").await;
     let server = TestServer::start(&db).await;
     let addr = server.addr;
-    let mut tail = Tail::start(&server, "kitchen", &key, None).await_connected().await;
+    let mut tail = Tail::start(&server, "kitchen", &key, None)
+        .await_connected()
+        .await;
     let mut c = db.client().await;
     insert_order(&mut c, "kitchen", "KIT-1", 2).await;
     let ev = tail.next_event().await;
@@ -139,7 +141,7 @@ async fn tail_prints_events_and_resumes_across_a_server_restart() {
 
     // The server goes away (close 1001); an event is written while it is down.
     server.stop().await;
-    tail.expect_stderr("1001 server shutting down").await;
+    tail.expect_stderr("(1001: server shutting down)").await;
     insert_loyalty(&c, "kitchen", 7).await;
     let server = TestServer::start_at(&db, addr, |_| {}).await;
     tail.expect_stderr("since=1").await;

@@ -141,9 +141,14 @@ async fn apply_locked(
             options.lock_timeout.as_millis()
         ))
         .await?;
-    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
     // A second connection names whoever blocks us; without it we still migrate, just say less.
-    let monitor = super::connect(config, "orderpush-migrate-monitor").await.ok();
+    let monitor = super::connect(config, "orderpush-migrate-monitor")
+        .await
+        .ok();
     let attempts = options.attempts.max(1);
     let mut applied = Vec::new();
     let mut backoff = RETRY_BACKOFF_FIRST;
@@ -246,7 +251,10 @@ fn describe_wait(e: &refinery::Error, blockers: &[Blocker], timeout: Duration) -
             b.pid,
             b.application,
             b.user,
-            b.client.as_deref().map(|c| format!(", from {c}")).unwrap_or_default(),
+            b.client
+                .as_deref()
+                .map(|c| format!(", from {c}"))
+                .unwrap_or_default(),
             b.state,
             b.transaction_seconds,
             b.query,
@@ -462,7 +470,10 @@ pub async fn dry_run(
         )));
     }
     if let Some(v) = options.target {
-        if !statuses.iter().any(|s| s.version == v && s.checksum.is_some()) {
+        if !statuses
+            .iter()
+            .any(|s| s.version == v && s.checksum.is_some())
+        {
             return Err(MigrateError::UnknownTarget(v));
         }
     }
@@ -560,7 +571,10 @@ pub fn render_status(statuses: &[MigrationStatus]) -> String {
             m.applied_on.as_deref().unwrap_or("-"),
         );
     }
-    let pending = statuses.iter().filter(|m| m.state == State::Pending).count();
+    let pending = statuses
+        .iter()
+        .filter(|m| m.state == State::Pending)
+        .count();
     let _ = writeln!(
         s,
         "\n{pending} pending{}",
