@@ -694,3 +694,46 @@ async fn an_adapted_trigger_function_installs_atomically_and_reads_other_column_
     assert_eq!(ev["data"]["items"][0]["selectedAddons"][0]["name"], "Bread");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn bad_dba_input_fails_clearly_and_changes_nothing() {
+    let db = TestDb::create_empty().await;
+    migrate_to(&db, 1).await;
+    let before = fingerprint(&db).await;
+    let out = orderpush(&db, &["migrate", "--target", "99"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no migration has version 99"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = orderpush(&db, &["migrate", "--dry-run", "--target", "99"]);
+    assert!(!out.status.success());
+    for args in [
+        &["migrate", "--single-transaction"][..],
+        &["migrate", "--attempts", "0"],
+        &["migrate", "--attempts", "1000"],
+        &["migrate", "--lock-timeout", "0s"],
+        &["migrate", "status", "--dry-run"],
+        &["tail", "--tenant", "kitchen"],
+    ] {
+        let out = orderpush(&db, args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(fingerprint(&db).await, before);
+    let help = text(
+        &Command::new(env!("CARGO_BIN_EXE_orderpush"))
+            .arg("--help")
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    for sub in ["triggers", "uninstall", "tail"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
