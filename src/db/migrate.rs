@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::error::SqlState;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::DbError;
 
@@ -537,16 +537,6 @@ pub async fn dry_run(
         );
     }
     Ok((sql, names))
-}
-
-/// Logs what `apply` did, for `serve` and `migrate`.
-pub fn log_applied(applied: &[String]) {
-    if applied.is_empty() {
-        info!("database schema is up to date");
-    }
-    for name in applied {
-        info!("applied migration {name}");
-    }
 }
 
 /// `migrate status` as a text table for people.
