@@ -86,6 +86,9 @@ pub struct ServeArgs {
     /// How long events stay replayable (e.g. 90s, 30m, 24h, 7d).
     #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
+    /// Bearer token for /admin/* and /status; without it only loopback callers may use them.
+    #[arg(long, env = "ORDERPUSH_ADMIN_TOKEN", value_parser = parse_token, hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Do not apply migrations at start-up (run `orderpush migrate` separately).
     #[arg(long, env = "ORDERPUSH_NO_MIGRATE")]
     pub no_migrate: bool,
@@ -283,6 +286,8 @@ pub struct Tuning {
     pub revocation_check_interval: Duration,
     /// How often retention runs in `serve`.
     pub prune_interval: Duration,
+    /// How often this instance writes its presence (heartbeat and connections) to the database.
+    pub presence_interval: Duration,
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
@@ -309,6 +314,7 @@ impl Default for Tuning {
             client_queue_frames: CLIENT_QUEUE_FRAMES,
             revocation_check_interval: REVOCATION_CHECK_INTERVAL,
             prune_interval: PRUNE_INTERVAL,
+            presence_interval: crate::presence::FLUSH_INTERVAL,
         }
     }
 }

@@ -20,9 +20,12 @@
 //! - [`hub`]: per-tenant fan-out to connected clients with bounded queues.
 //! - [`http`]: the axum routes (`/ws/pos/{tenant}`, `/broadcast`, health, metrics).
 //! - [`metrics`]: counters and histograms rendered in Prometheus text format.
+//! - [`presence`]: which terminals are connected to which instance, shared through the database.
+//! - [`activity`]: recent events and rates for the status page (in memory, bounded).
 //! - [`server`]: wires everything together and runs until shutdown.
 //! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
 
+pub mod activity;
 pub mod config;
 pub mod db;
 pub mod event;
@@ -30,5 +33,6 @@ pub mod http;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
+pub mod presence;
 pub mod server;
 pub mod tail;

@@ -15,10 +15,12 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::activity::Activity;
 use crate::db::{self, DbError, events};
 use crate::event::Event;
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 
 /// The NOTIFY channel the triggers wake us on (migrations/V2).
 pub const CHANNEL: &str = "orderpush";
@@ -110,6 +112,15 @@ impl ListenerHealth {
         *self.mode.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Time since the listener's last completed read (its lag behind the log, at most one poll
+    /// interval while healthy); `None` before the first read.
+    pub fn last_read_age(&self) -> Option<Duration> {
+        let last = self.last_read_ms.load(Ordering::Acquire);
+        (last > 0).then(|| {
+            Duration::from_millis((self.started.elapsed().as_millis() as u64).saturating_sub(last))
+        })
+    }
+
     fn read_completed(&self) {
         let ms = (self.started.elapsed().as_millis() as u64).max(1);
         self.last_read_ms.store(ms, Ordering::Release);
@@ -126,6 +137,11 @@ pub struct Listener {
     /// reconnect catch up instead of skipping.
     cursors: HashMap<Arc<str>, i64>,
     last_undelivered_warning: HashMap<Arc<str>, Instant>,
+    /// Where other instances' terminals are known (the undelivered alert); `None` = only this
+    /// instance's sockets count.
+    presence: Option<Arc<Presence>>,
+    /// The status page's record of recent events.
+    activity: Option<Arc<Activity>>,
 }
 
 /// Aborts the connection-driver task when the listener lets go of a connection.
@@ -161,7 +177,17 @@ impl Listener {
                 .map(|(t, seq)| (Arc::from(t), seq))
                 .collect(),
             last_undelivered_warning: HashMap::new(),
+            presence: None,
+            activity: None,
         }
+    }
+
+    /// Makes the undelivered alert cluster-wide (a terminal on another instance counts, and one
+    /// instance reports) and records events for the status page.
+    pub fn with_presence(mut self, presence: Arc<Presence>, activity: Arc<Activity>) -> Self {
+        self.presence = Some(presence);
+        self.activity = Some(activity);
+        self
     }
 
     /// Runs until `shutdown`: connect, LISTEN, catch up, follow; on any failure back off and
@@ -321,14 +347,19 @@ impl Listener {
             text: event.to_frame().into(),
         };
         let delivery = self.hub.publish(&event.tenant, &frame);
-        if delivery.sent == 0 && delivery.failed == 0 {
-            self.metrics
-                .undelivered_events
-                .fetch_add(1, Ordering::Relaxed);
+        let here = delivery.sent + delivery.failed;
+        // Another instance's terminal counts as delivered; without a fresh presence view
+        // (database trouble) only this instance's sockets can be known.
+        let elsewhere = self
+            .presence
+            .as_ref()
+            .and_then(|p| p.connected_elsewhere(&event.tenant));
+        let undelivered = here == 0 && elsewhere != Some(true);
+        if let Some(activity) = &self.activity {
+            activity.record(&event, delivery.sent, undelivered);
+        }
+        if here == 0 {
             info!(tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
-            if event.kind == "new_order" {
-                self.warn_undelivered(&event);
-            }
         } else {
             info!(
                 tenant = %event.tenant, event_type = %event.kind, id = event.id,
@@ -336,14 +367,38 @@ impl Listener {
                 event.kind, delivery.sent, event.tenant, delivery.failed
             );
         }
+        // Every instance reads every event: one of them reports, so an event is warned about
+        // and counted once, not once per instance.
+        if undelivered && self.presence.as_ref().is_none_or(|p| p.is_reporter()) {
+            self.metrics.undelivered(&event.kind);
+            self.warn_undelivered(&event, elsewhere.is_some());
+        }
     }
 
-    fn warn_undelivered(&mut self, event: &Event) {
+    /// WARN once per tenant per [`UNDELIVERED_WARN_INTERVAL`] for orders, and separately for
+    /// other events, so an order is never hidden behind an earlier loyalty warning.
+    fn warn_undelivered(&mut self, event: &Event, cluster_wide: bool) {
         let now = Instant::now();
-        let last = self.last_undelivered_warning.get(&event.tenant);
-        if last.is_none_or(|t| now.duration_since(*t) >= UNDELIVERED_WARN_INTERVAL) {
-            self.last_undelivered_warning
-                .insert(Arc::clone(&event.tenant), now);
+        let is_order = event.kind == "new_order";
+        let key: Arc<str> = if is_order {
+            Arc::clone(&event.tenant)
+        } else {
+            Arc::from(format!("{}\0other", event.tenant))
+        };
+        let last = self.last_undelivered_warning.get(&key);
+        if last.is_some_and(|t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL) {
+            return;
+        }
+        // Bounded by tenants with recent warnings: older entries no longer suppress anything.
+        self.last_undelivered_warning
+            .retain(|_, t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL);
+        self.last_undelivered_warning.insert(key, now);
+        let scope = if cluster_wide {
+            "no POS connected"
+        } else {
+            "no POS connected to this instance (presence unavailable)"
+        };
+        if is_order {
             let number = serde_json::from_str::<serde_json::Value>(&event.data)
                 .ok()
                 .and_then(|d| {
@@ -353,8 +408,13 @@ impl Listener {
                 })
                 .unwrap_or_else(|| "?".into());
             warn!(
-                tenant = %event.tenant,
-                "order {number} for tenant {}: no POS connected to this instance", event.tenant
+                tenant = %event.tenant, id = event.id,
+                "order {number} for tenant {}: {scope}", event.tenant
+            );
+        } else {
+            warn!(
+                tenant = %event.tenant, id = event.id, event_type = %event.kind,
+                "event {} (id {}) for tenant {}: {scope}", event.kind, event.id, event.tenant
             );
         }
     }

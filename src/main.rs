@@ -57,6 +57,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let config = ServerConfig {
                 database: args.db.database()?.clone(),
                 broadcast_token: args.broadcast_token,
+                admin_token: args.admin_token,
                 retention: args.retention,
                 migrate: !args.no_migrate,
                 tuning: Tuning::default(),

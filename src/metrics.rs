@@ -61,6 +61,13 @@ const KNOWN_TYPES: [&str; 6] = [
     "other",
 ];
 
+fn type_index(kind: &str) -> usize {
+    KNOWN_TYPES
+        .iter()
+        .position(|t| *t == kind)
+        .unwrap_or(KNOWN_TYPES.len() - 1)
+}
+
 /// Upper bounds (seconds) of the delivery-lag histogram: from sub-millisecond to the listener's
 /// slowest safety-net poll and beyond.
 const LAG_BUCKETS: [f64; 12] = [
@@ -93,8 +100,15 @@ pub struct Metrics {
     pub broadcasts_accepted: AtomicU64,
     /// /broadcast requests answered 4xx/5xx.
     pub broadcasts_rejected: AtomicU64,
-    /// Events published to a tenant with no connected socket on this instance.
-    pub undelivered_events: AtomicU64,
+    /// Events for a tenant with no terminal connected to any instance, by type; counted only by
+    /// the reporting instance (see [`crate::presence::Presence::is_reporter`]).
+    undelivered: [AtomicU64; 6],
+    /// `{"type":"ack"}` messages recorded from POS clients.
+    pub acks: AtomicU64,
+    /// Messages from POS clients that were not a valid ack (ignored).
+    pub client_messages_ignored: AtomicU64,
+    /// Presence heartbeats that failed (the database was unreachable or slow).
+    pub presence_flush_failures: AtomicU64,
     /// Times the listener (re)connected.
     pub listener_connects: AtomicU64,
     /// 1 while the listener is connected and following, else 0.
@@ -106,6 +120,8 @@ pub struct Metrics {
     lag_buckets: [AtomicU64; 12],
     lag_count: AtomicU64,
     lag_sum_micros: AtomicU64,
+    /// The last observed lag plus one, in microseconds; 0 = none yet.
+    last_lag_micros_plus_one: AtomicU64,
 }
 
 impl Metrics {
@@ -130,15 +146,22 @@ impl Metrics {
 
     /// Counts one event read from the log, by origin and type.
     pub fn event_received(&self, origin: crate::event::Origin, kind: &str) {
-        let i = KNOWN_TYPES
-            .iter()
-            .position(|t| *t == kind)
-            .unwrap_or(KNOWN_TYPES.len() - 1);
+        let i = type_index(kind);
         match origin {
             crate::event::Origin::Db => &self.events_db[i],
             crate::event::Origin::Broadcast => &self.events_broadcast[i],
         }
         .fetch_add(1, Relaxed);
+    }
+
+    /// Counts one event that no terminal on any instance received.
+    pub fn undelivered(&self, kind: &str) {
+        self.undelivered[type_index(kind)].fetch_add(1, Relaxed);
+    }
+
+    /// Events counted by [`Metrics::undelivered`] so far, all types together.
+    pub fn undelivered_total(&self) -> u64 {
+        self.undelivered.iter().map(|n| n.load(Relaxed)).sum()
     }
 
     /// Records the time from an event's write to its hand-off to client queues.
@@ -152,6 +175,16 @@ impl Metrics {
         self.lag_count.fetch_add(1, Relaxed);
         self.lag_sum_micros
             .fetch_add(lag.as_micros() as u64, Relaxed);
+        self.last_lag_micros_plus_one
+            .store((lag.as_micros() as u64).saturating_add(1), Relaxed);
+    }
+
+    /// The commit-to-send lag of the last event the listener handed to the hub, if any.
+    pub fn last_lag(&self) -> Option<Duration> {
+        match self.last_lag_micros_plus_one.load(Relaxed) {
+            0 => None,
+            n => Some(Duration::from_micros(n - 1)),
+        }
     }
 
     /// Renders everything in Prometheus text format; `extra` lines (gauges read at scrape time)
@@ -171,7 +204,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 14] = [
+        let counters: [(&str, &str, f64); 16] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -218,9 +251,19 @@ impl Metrics {
                 load(&self.broadcasts_rejected),
             ),
             (
-                "orderpush_undelivered_events_total",
-                "Events for a tenant with no POS connected to this instance.",
-                load(&self.undelivered_events),
+                "orderpush_acks_total",
+                "Acks recorded from POS clients.",
+                load(&self.acks),
+            ),
+            (
+                "orderpush_client_messages_ignored_total",
+                "Messages from POS clients that were not a valid ack.",
+                load(&self.client_messages_ignored),
+            ),
+            (
+                "orderpush_presence_flush_failures_total",
+                "Presence heartbeats that failed.",
+                load(&self.presence_flush_failures),
             ),
             (
                 "orderpush_listener_connects_total",
@@ -282,6 +325,17 @@ impl Metrics {
                     n.load(Relaxed)
                 );
             }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP orderpush_undelivered_events_total Events for a tenant with no POS connected to any instance, by type (counted by one instance).\n# TYPE orderpush_undelivered_events_total counter"
+        );
+        for (kind, n) in KNOWN_TYPES.iter().zip(&self.undelivered) {
+            let _ = writeln!(
+                out,
+                "orderpush_undelivered_events_total{{type=\"{kind}\"}} {}",
+                n.load(Relaxed)
+            );
         }
         let name = "orderpush_delivery_lag_seconds";
         let _ = writeln!(

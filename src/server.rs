@@ -1,5 +1,5 @@
 //! Wires the service together and runs it until shutdown: migrations, the pool, the listener,
-//! the hub, the background jobs (revocation checks, retention) and the HTTP server.
+//! the hub, the background jobs (revocation checks, retention, presence) and the HTTP server.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,12 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::activity::Activity;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events, keys};
 use crate::http::{self, AppState, Shared, auth::KeyCache, broadcast};
 use crate::hub::{Frame, Hub, KickReason, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth};
 use crate::metrics::Metrics;
+use crate::presence::{self, InstanceInfo, Presence};
 
 /// After shutdown starts, how long sockets get to send their 1001 close frames and background
 /// tasks to stop before the process exits anyway.
@@ -33,6 +35,8 @@ pub struct ServerConfig {
     pub database: tokio_postgres::Config,
     /// Bearer token for /broadcast; `None` = loopback callers only.
     pub broadcast_token: Option<String>,
+    /// Bearer token for /admin/* and /status; `None` = loopback callers only.
+    pub admin_token: Option<String>,
     /// How long events stay replayable.
     pub retention: Duration,
     /// Apply migrations before serving.
@@ -99,14 +103,26 @@ pub async fn run(
         }
         heads
     };
+    let presence = Presence::new(InstanceInfo::current(listener.local_addr()?));
+    let activity = Arc::new(Activity::default());
     let follower = Listener::new(
         &config.database,
         start,
         Arc::clone(&hub),
         Arc::clone(&metrics),
         Arc::clone(&listener_health),
-    );
+    )
+    .with_presence(Arc::clone(&presence), Arc::clone(&activity));
     tracker.spawn(follower.run(shutdown.clone()));
+    tracker.spawn(presence::run(
+        Arc::clone(&presence),
+        config.database.clone(),
+        config.tuning.presence_interval,
+        Arc::clone(&listener_health),
+        Arc::clone(&activity),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
     let broadcasts = broadcast::Writer::spawn(pool.clone(), &tracker);
 
     let state = AppState::new(Shared {
@@ -116,6 +132,9 @@ pub async fn run(
         listener: listener_health,
         keys: KeyCache::default(),
         broadcast_token: config.broadcast_token.clone(),
+        admin_token: config.admin_token.clone(),
+        presence,
+        activity,
         broadcasts,
         tuning: config.tuning.clone(),
         shutdown: shutdown.clone(),

@@ -1,11 +1,16 @@
-//! Authentication helpers: the POS key cache and the /broadcast token check.
+//! Authentication helpers: the POS key cache and the operator-token rule shared by /broadcast
+//! and the admin endpoints.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use axum::http::{HeaderMap, header};
+
 use sha2::{Digest, Sha256};
 
+use super::Error;
 use crate::db::DbError;
 use crate::db::keys::{self, KeyIdentity};
 
@@ -72,6 +77,49 @@ pub fn secrets_match(presented: &str, expected: &str) -> bool {
         .zip(b.iter())
         .fold(0u8, |acc, (x, y)| acc | (x ^ y))
         == 0
+}
+
+/// The operator-endpoint rule (contract §4 for /broadcast, reused for /admin and /status): a
+/// configured token must be presented as `Authorization: Bearer <token>` (401 otherwise);
+/// without a configured token only callers on the loopback interface are accepted (403
+/// otherwise). `what` names the endpoint group in the messages.
+pub fn authorize(
+    token: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<(), Error> {
+    match token {
+        Some(expected) => {
+            let presented = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            match presented {
+                Some(p) if secrets_match(p, expected) => Ok(()),
+                Some(_) => Err(Error::Unauthorized(format!("invalid {what} token"))),
+                None => Err(Error::Unauthorized(
+                    "missing Authorization: Bearer <token>".into(),
+                )),
+            }
+        }
+        None if is_loopback(peer) => Ok(()),
+        None => Err(Error::Forbidden(format!(
+            "{what} requests are accepted only from loopback unless a {what} token is configured"
+        ))),
+    }
+}
+
+/// True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (a dual-stack listener's view of
+/// 127.0.0.1).
+pub fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -116,36 +116,9 @@ async fn accept(
 }
 
 /// Contract §4: a configured token must be presented as `Bearer`; without one, only loopback
-/// callers are accepted.
+/// callers are accepted. The rule is shared with the admin endpoints ([`auth::authorize`]).
 fn authorize(token: Option<&str>, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Error> {
-    match token {
-        Some(expected) => {
-            let presented = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
-            match presented {
-                Some(p) if auth::secrets_match(p, expected) => Ok(()),
-                Some(_) => Err(Error::Unauthorized("invalid broadcast token".into())),
-                None => Err(Error::Unauthorized(
-                    "missing Authorization: Bearer <token>".into(),
-                )),
-            }
-        }
-        None if peer.ip().is_loopback() || is_mapped_loopback(peer) => Ok(()),
-        None => Err(Error::Forbidden(
-            "broadcasts are accepted only from loopback unless a broadcast token is configured"
-                .into(),
-        )),
-    }
-}
-
-fn is_mapped_loopback(peer: SocketAddr) -> bool {
-    match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
-        std::net::IpAddr::V4(_) => false,
-    }
+    auth::authorize(token, peer, headers, "broadcast")
 }
 
 /// Validates a body into a [`Broadcast`]; every problem is a 400 with a precise message.

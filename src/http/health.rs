@@ -55,7 +55,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let pool = state.pool.status();
-    let body = state.metrics.render(&[
+    let mut extra = vec![
         (
             "orderpush_db_pool_connections",
             "Connections held by the request pool.",
@@ -66,7 +66,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "Idle connections in the request pool.",
             pool.available as f64,
         ),
-    ]);
+    ];
+    extra.extend(super::status::scrape_gauges(&state).await);
+    let body = state.metrics.render(&extra);
     (
         [(
             header::CONTENT_TYPE,

@@ -1,10 +1,12 @@
 //! The HTTP surface (axum): one module per route group, each exposing `router()`, sharing
 //! [`AppState`].
 
+pub mod admin;
 pub mod auth;
 pub mod broadcast;
 pub mod error;
 pub mod health;
+pub mod status;
 pub mod ws;
 
 use std::sync::Arc;
@@ -16,10 +18,12 @@ use tokio_util::task::TaskTracker;
 
 pub use error::Error;
 
+use crate::activity::Activity;
 use crate::config::Tuning;
 use crate::hub::Hub;
 use crate::listener::ListenerHealth;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 
 /// What every handler can reach. Cloning is one reference count.
 #[derive(Clone)]
@@ -39,6 +43,12 @@ pub struct Shared {
     pub keys: auth::KeyCache,
     /// Required bearer token for /broadcast, if configured.
     pub broadcast_token: Option<String>,
+    /// Required bearer token for /admin/* and /status, if configured.
+    pub admin_token: Option<String>,
+    /// This instance's connected terminals, synced to the database for every instance to see.
+    pub presence: Arc<Presence>,
+    /// Recent events and rates, for the status page.
+    pub activity: Arc<Activity>,
     /// Queue to the batching /broadcast writer.
     pub broadcasts: broadcast::Writer,
     /// Intervals and bounds.
@@ -69,5 +79,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::router())
         .merge(broadcast::router())
         .merge(health::router())
+        .merge(admin::router())
+        .merge(status::router())
         .with_state(state)
 }

@@ -1,15 +1,18 @@
 //! `GET /ws/pos/{tenant}`: authenticates a POS before the upgrade (contract §5), then runs one
 //! task per socket that replays from `?since=` and continues live from the hub, with nothing lost
-//! and nothing twice at the seam.
+//! and nothing twice at the seam. Browsers, which cannot set headers on a WebSocket, present
+//! the key as a subprotocol (docs/browser-auth.md). Each socket is registered in presence and
+//! may acknowledge what it processed with `{"type":"ack","id":N}`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
 use serde::Deserialize;
@@ -21,9 +24,16 @@ use crate::db::keys::{self, KeyIdentity};
 use crate::event;
 use crate::hub::{KickReason, Replay, Subscription};
 use crate::metrics::DisconnectReason;
+use crate::presence::Registration;
 
 /// The header a POS presents its key in (the seed's).
 pub const API_KEY_HEADER: &str = "x-api-key";
+/// The subprotocol the service speaks. A browser must offer it with its key entry, and it is the
+/// only value ever echoed in the response's `Sec-WebSocket-Protocol` (never the key).
+pub const SUBPROTOCOL: &str = "orderpush.v1";
+/// Prefix of the `Sec-WebSocket-Protocol` entry that carries a browser's key:
+/// `orderpush.key.pos_<64 hex>` (an RFC 6455 token: letters, digits, `.` and `_` only).
+pub const KEY_PROTOCOL_PREFIX: &str = "orderpush.key.";
 /// Largest message a POS may send. POS clients only receive (and at most ack); 4 KiB keeps a
 /// hostile client from making the server buffer anything sizeable.
 pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
@@ -63,6 +73,7 @@ struct ResumeQuery {
 
 async fn upgrade(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(tenant): Path<String>,
     Query(query): Query<ResumeQuery>,
     headers: HeaderMap,
@@ -89,13 +100,14 @@ async fn upgrade(
     // The token keeps the tracker open from now on, so shutdown waits for this socket too.
     let token = state.tracker.token();
     Ok(ws
+        .protocols([SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(MAX_INCOMING_MESSAGE)
         .max_frame_size(MAX_INCOMING_MESSAGE)
         .on_upgrade(move |socket| async move {
-            serve_socket(socket, state, tenant, key, since).await;
+            serve_socket(socket, state, tenant, key, since, peer).await;
             drop(token);
         }))
 }
@@ -106,11 +118,7 @@ async fn authenticate(
     tenant: &str,
     headers: &HeaderMap,
 ) -> Result<KeyIdentity, Error> {
-    let presented = headers
-        .get(API_KEY_HEADER)
-        .ok_or_else(|| Error::Unauthorized("missing X-API-Key header".into()))?
-        .to_str()
-        .map_err(|_| Error::Unauthorized("invalid API key".into()))?;
+    let presented = presented_key(headers)?;
     if !keys::is_well_formed(presented) {
         return Err(Error::Unauthorized("invalid API key".into()));
     }
@@ -128,20 +136,59 @@ async fn authenticate(
     Ok(key)
 }
 
+/// The key a client presented: the `X-API-Key` header or, for browsers, one
+/// `orderpush.key.<key>` entry in `Sec-WebSocket-Protocol` offered together with
+/// [`SUBPROTOCOL`]. The header wins when both are present. Never logged.
+fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
+    if let Some(value) = headers.get(API_KEY_HEADER) {
+        return value
+            .to_str()
+            .map_err(|_| Error::Unauthorized("invalid API key".into()));
+    }
+    let mut offered_subprotocol = false;
+    let mut key = None;
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let value = value
+            .to_str()
+            .map_err(|_| Error::Unauthorized("invalid API key".into()))?;
+        for entry in value.split(',').map(str::trim) {
+            if entry == SUBPROTOCOL {
+                offered_subprotocol = true;
+            } else if let Some(k) = entry.strip_prefix(KEY_PROTOCOL_PREFIX) {
+                if key.replace(k).is_some() {
+                    return Err(Error::Unauthorized("more than one API key offered".into()));
+                }
+            }
+        }
+    }
+    match key {
+        None => Err(Error::Unauthorized(format!(
+            "missing X-API-Key header (browsers: offer the subprotocols {SUBPROTOCOL} and {KEY_PROTOCOL_PREFIX}<key>)"
+        ))),
+        Some(_) if !offered_subprotocol => Err(Error::BadRequest(format!(
+            "a key in Sec-WebSocket-Protocol must be offered together with the {SUBPROTOCOL} subprotocol"
+        ))),
+        Some(k) => Ok(k),
+    }
+}
+
 async fn serve_socket(
     mut socket: WebSocket,
     state: AppState,
     tenant: Arc<str>,
     key: KeyIdentity,
     since: Option<i64>,
+    peer: SocketAddr,
 ) {
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key.id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
     let (mut sub, replay) = state.hub.subscribe(&tenant, &key.id, since);
-    let reason = run(&mut socket, &state, &tenant, &mut sub, since, replay).await;
+    let conn = state.presence.register(&tenant, &key.id, peer, since);
+    let reason = run(&mut socket, &state, &tenant, &mut sub, &conn, since, replay).await;
     drop(sub);
+    drop(conn);
     let close = match reason {
         DisconnectReason::Shutdown => Some((close_code::GOING_AWAY, "server shutting down")),
         DisconnectReason::SlowConsumer => Some((
@@ -178,6 +225,7 @@ async fn run(
     state: &AppState,
     tenant: &Arc<str>,
     sub: &mut Subscription,
+    conn: &Registration,
     since: Option<i64>,
     replay: Replay,
 ) -> DisconnectReason {
@@ -201,6 +249,7 @@ async fn run(
                     .metrics
                     .replayed_frames
                     .fetch_add(1, Ordering::Relaxed);
+                conn.delivered(frame.id);
                 last = frame.id;
             }
             Some(last)
@@ -210,7 +259,7 @@ async fn run(
                 .metrics
                 .resumes_from_database
                 .fetch_add(1, Ordering::Relaxed);
-            match catch_up(socket, state, tenant, sub, since).await {
+            match catch_up(socket, state, tenant, sub, conn, since).await {
                 Ok(last) => Some(last),
                 Err(Stop::Ended(reason)) => return reason,
             }
@@ -234,7 +283,7 @@ async fn run(
                     if frame.id > last + 1 {
                         // A hole (e.g. pruned before the listener read it): fill it from the log,
                         // or tell the POS to resync; never skip silently.
-                        match catch_up(socket, state, tenant, sub, last).await {
+                        match catch_up(socket, state, tenant, sub, conn, last).await {
                             Ok(l) => last_sent = Some(l),
                             Err(Stop::Ended(reason)) => return reason,
                         }
@@ -247,6 +296,7 @@ async fn run(
                     return reason;
                 }
                 state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+                conn.delivered(frame.id);
                 last_sent = Some(frame.id);
             }
             msg = socket.recv() => {
@@ -256,8 +306,13 @@ async fn run(
                         debug!(error = %e, "socket read failed");
                         return DisconnectReason::ProtocolError;
                     }
-                    // POS clients only receive; anything they send just proves they are alive.
-                    Some(Ok(_)) => last_heard = Instant::now(),
+                    // Anything a POS sends proves it is alive; a text frame may be an ack.
+                    Some(Ok(msg)) => {
+                        last_heard = Instant::now();
+                        if let Message::Text(text) = msg {
+                            client_message(state, conn, &text);
+                        }
+                    }
                 }
             }
             _ = ping.tick() => {
@@ -269,6 +324,33 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// What a POS may send: `{"type": "ack", "id": N}`. Other fields are allowed (and ignored).
+#[derive(Deserialize)]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+}
+
+/// Records an ack; anything else a POS sends (other JSON, text, a bad id) is ignored: old
+/// clients may send anything, and none of it may affect delivery.
+fn client_message(state: &AppState, conn: &Registration, text: &str) {
+    let ack = serde_json::from_str::<ClientMessage>(text)
+        .ok()
+        .filter(|m| m.kind == "ack")
+        .and_then(|m| m.id?.as_i64());
+    if ack.is_some_and(|id| conn.acked(id)) {
+        state.metrics.acks.fetch_add(1, Ordering::Relaxed);
+    } else {
+        state
+            .metrics
+            .client_messages_ignored
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(ack, "ignored a message from a POS");
     }
 }
 
@@ -303,6 +385,7 @@ async fn catch_up(
     state: &AppState,
     tenant: &Arc<str>,
     sub: &Subscription,
+    conn: &Registration,
     since: i64,
 ) -> Result<i64, Stop> {
     let server_error = |e: crate::db::DbError| {
@@ -333,6 +416,7 @@ async fn catch_up(
                     .metrics
                     .replayed_frames
                     .fetch_add(1, Ordering::Relaxed);
+                conn.delivered(e.id);
                 last = e.id;
             }
             if last >= head || n < REPLAY_PAGE {
@@ -351,5 +435,6 @@ async fn catch_up(
     let text = event::resync_required(tenant, reason, since, head);
     send(socket, state, sub, Message::Text(text.into())).await?;
     state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+    conn.delivered(head);
     Ok(head)
 }

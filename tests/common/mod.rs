@@ -165,6 +165,7 @@ impl TestServer {
         let mut config = ServerConfig {
             database: db.config.clone(),
             broadcast_token: None,
+            admin_token: None,
             retention: Duration::from_secs(86_400),
             migrate: true,
             tuning: Tuning::default(),

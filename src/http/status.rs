@@ -1,0 +1,264 @@
+//! The live status page: `/status` (plain HTML), `/status/app.js` (polls the JSON) and
+//! `/status/data` (instances, listener state and lag, tenants with their terminals, events per
+//! second, the last events), all behind the admin token; plus the scrape-time gauges of
+//! `/metrics` that need presence or the database.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use serde_json::json;
+
+use super::AppState;
+use super::admin::{self, Challenge, ConnectionRow};
+use crate::activity::{self, RecentEvent, Undelivered};
+use crate::presence::STALE_AFTER;
+
+/// The page itself: static, no data (the data comes from `/status/data`).
+const PAGE: &str = include_str!("status/index.html");
+/// The page's script.
+const SCRIPT: &str = include_str!("status/app.js");
+/// `/metrics` gauges that query the database give up after this: a scrape must answer even
+/// when the database is slow, and Prometheus's own default timeout is 10 s.
+pub const SCRAPE_DB_TIMEOUT: Duration = Duration::from_secs(1);
+/// Headers of every status response: no caching of operational data, no framing, no guessing
+/// of types, scripts only from this origin.
+const SECURITY_HEADERS: [(header::HeaderName, &str); 5] = [
+    (header::CACHE_CONTROL, "no-store"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+    ),
+];
+
+/// Routes of this group.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/status", get(page))
+        .route("/status/app.js", get(script))
+        .route("/status/data", get(data))
+}
+
+async fn page(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = admin::authorize(&state, peer, &headers, Challenge::Basic) {
+        return denied.into_response();
+    }
+    (
+        SECURITY_HEADERS,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn script(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = admin::authorize(&state, peer, &headers, Challenge::Basic) {
+        return denied.into_response();
+    }
+    (
+        SECURITY_HEADERS,
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+        .into_response()
+}
+
+/// One tenant as the status page shows it.
+#[derive(Debug, Serialize)]
+struct TenantView {
+    tenant: String,
+    terminals: Vec<ConnectionRow>,
+    /// Received events with no terminal connected within the last 10 minutes.
+    undelivered: Option<Undelivered>,
+    /// No terminal now, and events arrived with none: shown in red.
+    alert: bool,
+    last_event: Option<RecentEvent>,
+}
+
+async fn data(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = admin::authorize(&state, peer, &headers, Challenge::Basic) {
+        return denied.into_response();
+    }
+    let recent = state.activity.recent();
+    let undelivered = state.activity.undelivered();
+    let from_db = admin::with_client(&state, async |c| {
+        let instances = admin::instances(&***c).await?;
+        let connections = admin::connections(&***c, None).await?;
+        let counts = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM public.tenants),
+                        (SELECT count(*) FROM orderpush.connections c
+                         JOIN orderpush.instances i ON i.id = c.instance_id
+                         WHERE i.heartbeat_at >= now() - make_interval(secs => $1))",
+                &[&STALE_AFTER.as_secs_f64()],
+            )
+            .await?;
+        Ok((
+            instances,
+            connections,
+            counts.get::<_, i64>(0),
+            counts.get::<_, i64>(1),
+        ))
+    })
+    .await;
+    let (instances, connections, tenant_count, connection_count, database_error) = match from_db {
+        Ok((i, c, t, n)) => (i, c, Some(t), Some(n), None),
+        Err(e) => (Vec::new(), Vec::new(), None, None, Some(e.to_string())),
+    };
+    let database_ok = database_error.is_none();
+
+    let mut tenants: BTreeMap<String, TenantView> = BTreeMap::new();
+    let view = |slug: &str| TenantView {
+        tenant: slug.to_owned(),
+        terminals: Vec::new(),
+        undelivered: None,
+        alert: false,
+        last_event: None,
+    };
+    for c in connections {
+        tenants
+            .entry(c.tenant.clone())
+            .or_insert_with(|| view(&c.tenant))
+            .terminals
+            .push(c);
+    }
+    for u in undelivered {
+        let slug = u.tenant.to_string();
+        tenants
+            .entry(slug)
+            .or_insert_with_key(|slug| view(slug))
+            .undelivered = Some(u);
+    }
+    // `recent` is newest first: the first seen per tenant is its last event.
+    for e in &recent {
+        let t = tenants
+            .entry(e.tenant.to_string())
+            .or_insert_with(|| view(&e.tenant));
+        if t.last_event.is_none() {
+            t.last_event = Some(e.clone());
+        }
+    }
+    let mut tenants: Vec<TenantView> = tenants
+        .into_values()
+        .map(|mut t| {
+            // Without the database the terminals are unknown: no red we cannot stand behind.
+            t.alert = database_ok && t.terminals.is_empty() && t.undelivered.is_some();
+            t
+        })
+        .collect();
+    tenants.sort_by(|a, b| b.alert.cmp(&a.alert).then_with(|| a.tenant.cmp(&b.tenant)));
+
+    let listener = &state.listener;
+    let body = json!({
+        "generated_at": activity::iso(SystemTime::now()),
+        "this_instance": state.presence.info().id,
+        "database_ok": database_ok,
+        "database_error": database_error,
+        "listener": {
+            "up": listener.is_following(),
+            "mode": listener.mode().map(|m| format!("{m:?}").to_lowercase()),
+            "read_age_ms": listener.last_read_age().map(|d| d.as_millis() as u64),
+        },
+        "events_per_second": state.activity.events_per_second(),
+        "instances": instances,
+        "tenant_count": tenant_count,
+        "connection_count": connection_count,
+        "tenants": tenants,
+        "recent": recent,
+    });
+    (SECURITY_HEADERS, Json(body)).into_response()
+}
+
+/// Gauges for `/metrics` that are read at scrape time: presence, the listener's read age, and
+/// from the database (within [`SCRAPE_DB_TIMEOUT`]) `pg_notification_queue_usage()` and the
+/// tenants with active keys but no terminal connected anywhere.
+pub async fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str, f64)> {
+    let mut gauges = Vec::with_capacity(8);
+    if let Some(age) = state.listener.last_read_age() {
+        gauges.push((
+            "orderpush_listener_read_age_seconds",
+            "Seconds since the listener last completed a read of the event log (its lag).",
+            age.as_secs_f64(),
+        ));
+    }
+    gauges.push((
+        "orderpush_instances",
+        "Live orderpush instances seen through presence at the last heartbeat.",
+        state.presence.live_instances() as f64,
+    ));
+    let alerting = state
+        .activity
+        .undelivered()
+        .iter()
+        .filter(|u| {
+            state.hub.tenant_connections(&u.tenant) == 0
+                && state.presence.connected_elsewhere(&u.tenant) != Some(true)
+        })
+        .count();
+    gauges.push((
+        "orderpush_tenants_undelivered",
+        "Tenants that received events in the last 10 minutes with no terminal connected, and still have none.",
+        alerting as f64,
+    ));
+    let query = async {
+        let client = state.pool.get().await.ok()?;
+        client
+            .query_one(
+                "SELECT pg_notification_queue_usage(),
+                        (SELECT count(*) FROM public.tenants t
+                         WHERE EXISTS (SELECT 1 FROM orderpush.api_keys k
+                                       WHERE k.tenant_slug = t.slug AND k.revoked_at IS NULL)
+                           AND NOT EXISTS (SELECT 1 FROM orderpush.connections c
+                                           JOIN orderpush.instances i ON i.id = c.instance_id
+                                           WHERE c.tenant_slug = t.slug
+                                             AND i.heartbeat_at >= now() - make_interval(secs => $1)))",
+                &[&STALE_AFTER.as_secs_f64()],
+            )
+            .await
+            .ok()
+    };
+    let row = tokio::time::timeout(SCRAPE_DB_TIMEOUT, query)
+        .await
+        .ok()
+        .flatten();
+    gauges.push((
+        "orderpush_scrape_database_ok",
+        "1 when the database gauges below could be read during this scrape.",
+        f64::from(u8::from(row.is_some())),
+    ));
+    if let Some(row) = row {
+        gauges.push((
+            "orderpush_notification_queue_usage_ratio",
+            "pg_notification_queue_usage(): fraction of Postgres's NOTIFY queue in use (1 = NOTIFY fails).",
+            row.get::<_, f64>(0),
+        ));
+        gauges.push((
+            "orderpush_tenants_without_terminal",
+            "Tenants with an active API key and no terminal connected to any instance.",
+            row.get::<_, i64>(1) as f64,
+        ));
+    }
+    gauges
+}
