@@ -18,6 +18,7 @@ CREATE UNLOGGED TABLE orderpush.instances (
     listener_up          boolean NOT NULL DEFAULT false,
     listener_mode        text,                      -- notify | gated | poll
     listener_read_age_ms bigint,                    -- time since the listener's last completed read
+    listener_lag_ms      double precision,          -- commit-to-send lag of the last event it read
     events_per_second    double precision NOT NULL DEFAULT 0
 );
 -- Expiry finds dead instances by heartbeat.

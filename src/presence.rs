@@ -294,11 +294,13 @@ impl Presence {
         let row = tx
             .query_one(
                 "INSERT INTO orderpush.instances AS i (id, hostname, pid, listen, version, started_at,
-                     heartbeat_at, listener_up, listener_mode, listener_read_age_ms, events_per_second)
-                 VALUES ($1, $2, $3, $4, $5, to_timestamp($6), now(), $7, $8, $9, $10)
+                     heartbeat_at, listener_up, listener_mode, listener_read_age_ms, listener_lag_ms,
+                     events_per_second)
+                 VALUES ($1, $2, $3, $4, $5, to_timestamp($6), now(), $7, $8, $9, $11, $10)
                  ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),
                      listener_up = excluded.listener_up, listener_mode = excluded.listener_mode,
                      listener_read_age_ms = excluded.listener_read_age_ms,
+                     listener_lag_ms = excluded.listener_lag_ms,
                      events_per_second = excluded.events_per_second
                  RETURNING (xmax = 0) AS inserted",
                 &[
@@ -312,6 +314,7 @@ impl Presence {
                     &stats.listener_mode,
                     &stats.listener_read_age_ms,
                     &stats.events_per_second,
+                    &stats.listener_lag_ms,
                 ],
             )
             .await?;
@@ -477,6 +480,8 @@ pub struct InstanceStats {
     pub listener_mode: Option<String>,
     /// Milliseconds since the listener's last completed read.
     pub listener_read_age_ms: Option<i64>,
+    /// Commit-to-send lag of the last event its listener read, in milliseconds.
+    pub listener_lag_ms: Option<f64>,
     /// Events per second read from the log.
     pub events_per_second: f64,
 }
@@ -533,6 +538,7 @@ pub async fn run(
             listener_up: listener.is_following(),
             listener_mode: listener.mode().map(|m| format!("{m:?}").to_lowercase()),
             listener_read_age_ms: listener.last_read_age().map(|d| d.as_millis() as i64),
+            listener_lag_ms: metrics.last_lag().map(|d| d.as_secs_f64() * 1000.0),
             events_per_second: activity.events_per_second(),
         };
         match presence.flush(c, &stats).await {

@@ -1,12 +1,17 @@
 //! Integration tests: the real server, a fresh Postgres database per test, real clients.
 
+mod admin;
 mod broadcast;
+mod browser_auth;
 mod cli;
 mod common;
 mod dba;
 mod events;
+mod ops_logs;
+mod presence;
 mod protocol;
 mod resilience;
 mod resume;
+mod status_page;
 mod tail;
 mod websocket;

@@ -130,6 +130,8 @@ pub struct InstanceRow {
     pub listener_mode: Option<String>,
     /// Milliseconds since its listener's last completed read.
     pub listener_read_age_ms: Option<i64>,
+    /// Commit-to-send lag of the last event its listener read, in milliseconds.
+    pub listener_lag_ms: Option<f64>,
     /// Events per second it read.
     pub events_per_second: f64,
     /// POS sockets connected to it.
@@ -163,7 +165,7 @@ pub async fn instances(client: &impl GenericClient) -> Result<Vec<InstanceRow>, 
         .query(
             "SELECT i.id, i.hostname, i.pid, i.listen, i.version, orderpush.iso(i.started_at),
                     orderpush.iso(i.heartbeat_at), i.listener_up, i.listener_mode,
-                    i.listener_read_age_ms, i.events_per_second,
+                    i.listener_read_age_ms, i.events_per_second, i.listener_lag_ms,
                     (SELECT count(*) FROM orderpush.connections c WHERE c.instance_id = i.id)
              FROM orderpush.instances i
              WHERE i.heartbeat_at >= now() - make_interval(secs => $1)
@@ -185,7 +187,8 @@ pub async fn instances(client: &impl GenericClient) -> Result<Vec<InstanceRow>, 
             listener_mode: r.get(8),
             listener_read_age_ms: r.get(9),
             events_per_second: r.get(10),
-            connections: r.get(11),
+            connections: r.get(12),
+            listener_lag_ms: r.get(11),
         })
         .collect())
 }

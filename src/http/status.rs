@@ -180,6 +180,7 @@ async fn data(
             "up": listener.is_following(),
             "mode": listener.mode().map(|m| format!("{m:?}").to_lowercase()),
             "read_age_ms": listener.last_read_age().map(|d| d.as_millis() as u64),
+            "lag_ms": state.metrics.last_lag().map(|d| d.as_secs_f64() * 1000.0),
         },
         "events_per_second": state.activity.events_per_second(),
         "instances": instances,
@@ -201,6 +202,13 @@ pub async fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str,
             "orderpush_listener_read_age_seconds",
             "Seconds since the listener last completed a read of the event log (its lag).",
             age.as_secs_f64(),
+        ));
+    }
+    if let Some(lag) = state.metrics.last_lag() {
+        gauges.push((
+            "orderpush_listener_last_lag_seconds",
+            "Commit-to-send lag of the last event the listener read (see the histogram for all).",
+            lag.as_secs_f64(),
         ));
     }
     gauges.push((

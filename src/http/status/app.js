@@ -34,7 +34,8 @@ function time(iso) {
 
 function ms(v) {
   if (v === null || v === undefined) return "–";
-  return v < 1000 ? `${v} ms` : `${(v / 1000).toFixed(1)} s`;
+  if (v < 10) return `${v.toFixed(1)} ms`;
+  return v < 1000 ? `${v.toFixed(0)} ms` : `${(v / 1000).toFixed(1)} s`;
 }
 
 function fill(tableId, emptyId, rows) {
@@ -89,7 +90,7 @@ function instanceRow(i, self) {
     el("td", {}, ago(i.started_at)),
     el("td", {}, el("span", { class: i.listener_up ? "up" : "down" }, i.listener_up ? "following" : "DOWN"),
       i.listener_mode ? ` (${i.listener_mode})` : ""),
-    el("td", { class: "num" }, ms(i.listener_read_age_ms)),
+    el("td", { class: "num", title: `last read ${ms(i.listener_read_age_ms)} ago` }, ms(i.listener_lag_ms)),
     el("td", { class: "num" }, i.events_per_second.toFixed(1)),
     el("td", { class: "num" }, i.connections),
     el("td", {}, ago(i.heartbeat_at)));
@@ -104,7 +105,8 @@ function render(d) {
 
   $("n-instances").textContent = d.database_ok ? d.instances.length : "?";
   const l = d.listener;
-  $("listener").textContent = l.up ? `up (${ms(l.read_age_ms)})` : "DOWN";
+  $("listener").textContent = l.up ? `up · ${ms(l.lag_ms)}` : "DOWN";
+  $("listener").title = `last read ${ms(l.read_age_ms)} ago; lag = commit-to-send time of the last event`;
   $("card-listener").classList.toggle("bad", !l.up);
   $("eps").textContent = d.events_per_second.toFixed(1);
   $("n-connections").textContent = d.connection_count ?? "?";

@@ -1,0 +1,154 @@
+//! Issue 5, on-call: `--log-format json` (one JSON object per line; text stays the default), the
+//! undelivered-order WARN once per tenant per interval, and a browser key never in the logs.
+//! These run the real binary, as an operator does.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::common::*;
+
+/// `orderpush serve` on a free loopback port, its stderr lines streamed to a channel.
+struct Serve {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Serve {
+    fn start(db: &TestDb, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orderpush"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        // Ends by itself when the child's stderr closes.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line satisfying `want`, within [`WAIT`].
+    fn wait_for(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line for {what}; got:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Every line received so far (after draining what is buffered).
+    fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn message(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    Some(v["fields"]["message"].as_str()?.to_owned())
+}
+
+#[tokio::test]
+async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    db.tenant("bistro").await;
+    let key = db.key("bistro").await;
+    let mut serve = Serve::start(&db, &["--log-format", "json"]);
+    let listening = serve.wait_for("listening", |l| {
+        message(l).is_some_and(|m| m == "orderpush listening")
+    });
+    let v: Value = serde_json::from_str(&listening).unwrap();
+    let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
+    serve.wait_for("the listener", |l| {
+        message(l).is_some_and(|m| m.contains("listener following"))
+    });
+
+    // A browser-style POS for bistro: its key travels in Sec-WebSocket-Protocol.
+    let mut req = format!("ws://{addr}/ws/pos/bistro")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        format!("orderpush.v1, orderpush.key.{key}").parse().unwrap(),
+    );
+    let (_bistro, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+
+    let mut client = db.client().await;
+    insert_order(&mut client, "kitchen", "KIT-6452", 1).await;
+    let warning = serve.wait_for("the undelivered warning", |l| {
+        message(l).is_some_and(|m| m.starts_with("order KIT-6452 for tenant kitchen: no POS connected"))
+    });
+    let v: Value = serde_json::from_str(&warning).unwrap();
+    assert_eq!(v["level"], "WARN");
+    assert_eq!(v["fields"]["tenant"], "kitchen");
+
+    // A second order within the interval is not warned about again (but still logged at INFO).
+    insert_order(&mut client, "kitchen", "KIT-6453", 1).await;
+    // The first order's line came before its warning; this one is the second order's, and a
+    // warning would follow it at once.
+    serve.wait_for("the second order's delivery line", |l| {
+        message(l).is_some_and(|m| m == "no connections for tenant: kitchen")
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let lines = serve.drain().to_vec();
+    let warnings = lines
+        .iter()
+        .filter(|l| message(l).is_some_and(|m| m.contains("no POS connected")))
+        .count();
+    assert_eq!(warnings, 1, "once per tenant per interval");
+    for line in &lines {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "every line is one JSON object: {line}"
+        );
+        assert!(!line.contains(&key[4..]), "the key is never logged: {line}");
+    }
+}
+
+#[tokio::test]
+async fn text_logs_are_the_default() {
+    let db = TestDb::create().await;
+    let mut serve = Serve::start(&db, &[]);
+    let line = serve.wait_for("listening", |l| l.contains("orderpush listening"));
+    assert!(serde_json::from_str::<Value>(&line).is_err(), "{line}");
+    assert!(line.contains("INFO"), "{line}");
+}

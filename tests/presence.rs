@@ -1,0 +1,162 @@
+//! Issue 5, presence across instances: every instance sees every terminal, dead instances
+//! expire, lost rows come back, and the undelivered alert is counted once for the cluster.
+
+use crate::admin::{FAST_PRESENCE, eventually, fast_presence, get_json, metric};
+use crate::common::*;
+
+async fn instance_id(server: &TestServer) -> String {
+    let (_, body) = get_json(server, "/admin/tenants", None).await;
+    body["this_instance"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn every_instance_sees_every_terminal() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let a = TestServer::start_with(&db, fast_presence).await;
+    let b = TestServer::start_with(&db, fast_presence).await;
+    let _pos = Pos::connect(&a, "kitchen", &key, None).await;
+    let a_id = instance_id(&a).await;
+    let body = eventually("B sees the terminal connected to A", async || {
+        let (_, body) = get_json(&b, "/admin/tenants/kitchen", None).await;
+        (body["connections"].as_array()?.len() == 1).then_some(body)
+    })
+    .await;
+    assert_eq!(body["connections"][0]["instance"], a_id.as_str());
+    let (_, list) = get_json(&b, "/admin/tenants", None).await;
+    assert_eq!(list["instances"].as_array().unwrap().len(), 2, "{list}");
+    let kitchen = &list["tenants"][0];
+    assert_eq!((kitchen["tenant"].as_str(), kitchen["connections"].as_i64()), (Some("kitchen"), Some(1)));
+
+    // A clean shutdown removes A at once (not after the expiry).
+    a.stop().await;
+    eventually("A is gone from B's view", async || {
+        let (_, list) = get_json(&b, "/admin/tenants", None).await;
+        (list["instances"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let (_, body) = get_json(&b, "/admin/tenants/kitchen", None).await;
+    assert!(body["connections"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn rows_of_a_dead_instance_are_ignored_and_expire() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let c = db.client().await;
+    // An instance that died an hour ago without cleaning up, with a terminal of kitchen.
+    c.batch_execute(
+        "INSERT INTO orderpush.instances (id, hostname, pid, listen, version, started_at, heartbeat_at)
+         VALUES ('dead00000000', 'gone', 1, '10.0.0.1:9011', '0.0.0', now() - interval '2 hours',
+                 now() - interval '1 hour');
+         INSERT INTO orderpush.connections (instance_id, conn_id, tenant_slug, key_id, peer, connected_at)
+         VALUES ('dead00000000', 1, 'kitchen', 'whatever', '10.0.0.2:5000', now() - interval '2 hours');",
+    )
+    .await
+    .unwrap();
+    let server = TestServer::start_with(&db, fast_presence).await;
+    let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
+    assert!(
+        body["connections"].as_array().unwrap().is_empty(),
+        "a stale instance's terminal is not shown: {body}"
+    );
+    eventually("the dead instance's rows are deleted", async || {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM orderpush.instances WHERE id = 'dead00000000'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let orphans: i64 = c
+            .query_one(
+                "SELECT count(*) FROM orderpush.connections WHERE instance_id = 'dead00000000'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 0 && orphans == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_instance_whose_rows_vanished_registers_again() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let server = TestServer::start_with(&db, fast_presence).await;
+    let _pos = Pos::connect(&server, "kitchen", &key, None).await;
+    let shown = async || {
+        let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
+        (body["connections"].as_array()?.len() == 1).then_some(())
+    };
+    eventually("the terminal is shown", shown).await;
+    // What a failover (unlogged tables come back empty) or an over-eager expiry does.
+    db.client()
+        .await
+        .batch_execute("DELETE FROM orderpush.instances")
+        .await
+        .unwrap();
+    eventually("the terminal is shown again", shown).await;
+}
+
+#[tokio::test]
+async fn an_undelivered_order_is_counted_once_for_the_cluster() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    db.tenant("bistro").await;
+    let key = db.key("kitchen").await;
+    let a = TestServer::start_with(&db, fast_presence).await;
+    let b = TestServer::start_with(&db, fast_presence).await;
+    for s in [&a, &b] {
+        eventually("both instances see two instances", async || {
+            (metric(s, "orderpush_instances").await? == 2.0).then_some(())
+        })
+        .await;
+    }
+    let orders_read = async |s: &TestServer, n: f64| {
+        eventually("the order is read by this instance", async || {
+            let got = metric(s, "orderpush_events_total{origin=\"db\",type=\"new_order\"}").await?;
+            (got >= n).then_some(())
+        })
+        .await
+    };
+    let undelivered = async || {
+        let mut total = 0.0;
+        for s in [&a, &b] {
+            total += metric(s, "orderpush_undelivered_events_total{type=\"new_order\"}")
+                .await
+                .unwrap();
+        }
+        total
+    };
+
+    // No terminal anywhere: one instance reports it.
+    let mut client = db.client().await;
+    insert_order(&mut client, "bistro", "BIS-1", 1).await;
+    orders_read(&a, 1.0).await;
+    orders_read(&b, 1.0).await;
+    assert_eq!(undelivered().await, 1.0, "counted once, not once per instance");
+    for s in [&a, &b] {
+        assert_eq!(metric(s, "orderpush_tenants_undelivered").await, Some(1.0));
+    }
+
+    // A terminal on A only: B must not call kitchen's order undelivered.
+    let mut pos = Pos::connect(&a, "kitchen", &key, None).await;
+    eventually("B sees the terminal on A", async || {
+        let (_, body) = get_json(&b, "/admin/tenants/kitchen", None).await;
+        (body["connections"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    // B refreshes its own view on its next heartbeat.
+    tokio::time::sleep(FAST_PRESENCE * 5).await;
+    insert_order(&mut client, "kitchen", "KIT-1", 1).await;
+    assert_eq!(pos.next().await["data"]["orderNumber"], "KIT-1");
+    orders_read(&a, 2.0).await;
+    orders_read(&b, 2.0).await;
+    assert_eq!(undelivered().await, 1.0, "a terminal elsewhere counts as delivered");
+}
