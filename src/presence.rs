@@ -152,14 +152,19 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut local = self.presence.lock_local();
         local.live.remove(&self.conn.id);
-        local.removed.push(self.conn.id);
+        // A full rewrite is pending anyway (and during a database outage this list would only
+        // grow): remembering the id is needed only for an incremental flush.
+        if !local.full_resync {
+            local.removed.push(self.conn.id);
+        }
     }
 }
 
 #[derive(Debug, Default)]
 struct Local {
     live: HashMap<u64, Arc<Connection>>,
-    /// Closed since the last flush (bounded by connections closed per interval).
+    /// Closed since the last flush (bounded by connections closed per interval: cleared when
+    /// a flush takes it or fails).
     removed: Vec<u64>,
     /// The database may not match memory (first flush, or a failed one): rewrite every row.
     full_resync: bool,
@@ -274,9 +279,16 @@ impl Presence {
             Err(_) => Err(DbError::Timeout),
         };
         if result.is_err() {
-            self.lock_local().full_resync = true;
+            self.need_full_resync();
         }
         result
+    }
+
+    /// The database may no longer match memory: the next flush rewrites every row.
+    pub fn need_full_resync(&self) {
+        let mut local = self.lock_local();
+        local.full_resync = true;
+        local.removed = Vec::new();
     }
 
     async fn try_flush(
@@ -525,6 +537,7 @@ pub async fn run(
                 .ok();
         }
         let Some(c) = client.as_mut() else {
+            presence.need_full_resync();
             metrics
                 .presence_flush_failures
                 .fetch_add(1, Ordering::Relaxed);

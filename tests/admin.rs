@@ -100,7 +100,10 @@ async fn admin_api_shows_terminals_with_delivered_and_acked_ids() {
     let tenants = list["tenants"].as_array().unwrap();
     let by_slug = |s: &str| tenants.iter().find(|t| t["tenant"] == s).unwrap().clone();
     assert_eq!(
-        (by_slug("kitchen")["terminals"].as_i64(), by_slug("kitchen")["active_keys"].as_i64()),
+        (
+            by_slug("kitchen")["terminals"].as_i64(),
+            by_slug("kitchen")["active_keys"].as_i64()
+        ),
         (Some(1), Some(1))
     );
     assert_eq!(by_slug("bistro")["connections"], 0);
@@ -156,7 +159,11 @@ async fn admin_endpoints_require_the_admin_token_when_one_is_set() {
     };
     for path in ["/admin/tenants", "/admin/tenants/kitchen"] {
         let r = get(path, None).await;
-        assert_eq!(r.status(), 401, "{path}: loopback is not enough with a token");
+        assert_eq!(
+            r.status(),
+            401,
+            "{path}: loopback is not enough with a token"
+        );
         assert_eq!(
             r.headers()["www-authenticate"],
             r#"Bearer realm="orderpush admin""#
@@ -167,7 +174,10 @@ async fn admin_endpoints_require_the_admin_token_when_one_is_set() {
                 .status(),
             401
         );
-        assert_eq!(get(path, Some(format!("Bearer {token}"))).await.status(), 200);
+        assert_eq!(
+            get(path, Some(format!("Bearer {token}"))).await.status(),
+            200
+        );
     }
     // The page: the browser's own prompt (Basic, any user, the token as password).
     for path in ["/status", "/status/app.js", "/status/data"] {
@@ -188,11 +198,16 @@ async fn admin_endpoints_require_the_admin_token_when_one_is_set() {
         };
         assert_eq!(get(path, Some(basic("ops:wrong"))).await.status(), 401);
         assert_eq!(
-            get(path, Some(basic(&format!("ops:{token}")))).await.status(),
+            get(path, Some(basic(&format!("ops:{token}"))))
+                .await
+                .status(),
             200,
             "{path}"
         );
-        assert_eq!(get(path, Some(format!("Bearer {token}"))).await.status(), 200);
+        assert_eq!(
+            get(path, Some(format!("Bearer {token}"))).await.status(),
+            200
+        );
     }
     // The admin token is not the broadcast token.
     let r = client
@@ -202,7 +217,11 @@ async fn admin_endpoints_require_the_admin_token_when_one_is_set() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "no broadcast token set: loopback is enough");
+    assert_eq!(
+        r.status(),
+        200,
+        "no broadcast token set: loopback is enough"
+    );
 }
 
 #[tokio::test]
@@ -224,7 +243,10 @@ async fn metrics_report_presence_notify_queue_and_tenants_without_terminal() {
         .await
         .expect("pg_notification_queue_usage() is reported");
     assert!((0.0..=1.0).contains(&usage));
-    assert_eq!(metric(&server, "orderpush_scrape_database_ok").await, Some(1.0));
+    assert_eq!(
+        metric(&server, "orderpush_scrape_database_ok").await,
+        Some(1.0)
+    );
     assert!(
         metric(&server, "orderpush_listener_read_age_seconds")
             .await

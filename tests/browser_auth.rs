@@ -44,11 +44,18 @@ async fn a_key_offered_as_a_subprotocol_authenticates_and_is_not_echoed() {
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
     let server = TestServer::start(&db).await;
-    let (status, echoed, pos) =
-        connect_with_protocols(&server, "kitchen", &format!("orderpush.v1, orderpush.key.{key}"))
-            .await;
+    let (status, echoed, pos) = connect_with_protocols(
+        &server,
+        "kitchen",
+        &format!("orderpush.v1, orderpush.key.{key}"),
+    )
+    .await;
     assert_eq!(status, 101);
-    assert_eq!(echoed.as_deref(), Some("orderpush.v1"), "only the protocol is echoed");
+    assert_eq!(
+        echoed.as_deref(),
+        Some("orderpush.v1"),
+        "only the protocol is echoed"
+    );
     let mut pos = pos.unwrap();
     server
         .broadcast(&json!({"tenant": "kitchen", "event": {"type": "hello", "data": 1}}))
@@ -56,9 +63,12 @@ async fn a_key_offered_as_a_subprotocol_authenticates_and_is_not_echoed() {
     assert_eq!(pos.next().await["type"], "hello");
 
     // The key entry may come first, and a client speaking X-API-Key may offer the protocol too.
-    let (status, echoed, _) =
-        connect_with_protocols(&server, "kitchen", &format!("orderpush.key.{key}, orderpush.v1"))
-            .await;
+    let (status, echoed, _) = connect_with_protocols(
+        &server,
+        "kitchen",
+        &format!("orderpush.key.{key}, orderpush.v1"),
+    )
+    .await;
     assert_eq!((status, echoed.as_deref()), (101, Some("orderpush.v1")));
 }
 
@@ -72,11 +82,27 @@ async fn wrong_or_misused_subprotocol_keys_are_refused() {
     let server = TestServer::start(&db).await;
     let unknown = format!("pos_{}", "0".repeat(64));
     let cases = [
-        (format!("orderpush.v1, orderpush.key.{unknown}"), 401, "unknown key"),
-        ("orderpush.v1, orderpush.key.pos_nope".to_owned(), 401, "malformed key"),
+        (
+            format!("orderpush.v1, orderpush.key.{unknown}"),
+            401,
+            "unknown key",
+        ),
+        (
+            "orderpush.v1, orderpush.key.pos_nope".to_owned(),
+            401,
+            "malformed key",
+        ),
         ("orderpush.v1".to_owned(), 401, "no key at all"),
-        (format!("orderpush.v1, orderpush.key.{other}"), 403, "another tenant's key"),
-        (format!("orderpush.key.{key}"), 400, "key without orderpush.v1"),
+        (
+            format!("orderpush.v1, orderpush.key.{other}"),
+            403,
+            "another tenant's key",
+        ),
+        (
+            format!("orderpush.key.{key}"),
+            400,
+            "key without orderpush.v1",
+        ),
         (
             format!("orderpush.v1, orderpush.key.{key}, orderpush.key.{other}"),
             401,

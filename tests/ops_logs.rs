@@ -107,14 +107,17 @@ async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key(
         .unwrap();
     req.headers_mut().insert(
         "Sec-WebSocket-Protocol",
-        format!("orderpush.v1, orderpush.key.{key}").parse().unwrap(),
+        format!("orderpush.v1, orderpush.key.{key}")
+            .parse()
+            .unwrap(),
     );
     let (_bistro, _) = tokio_tungstenite::connect_async(req).await.unwrap();
 
     let mut client = db.client().await;
     insert_order(&mut client, "kitchen", "KIT-6452", 1).await;
     let warning = serve.wait_for("the undelivered warning", |l| {
-        message(l).is_some_and(|m| m.starts_with("order KIT-6452 for tenant kitchen: no POS connected"))
+        message(l)
+            .is_some_and(|m| m.starts_with("order KIT-6452 for tenant kitchen: no POS connected"))
     });
     let v: Value = serde_json::from_str(&warning).unwrap();
     assert_eq!(v["level"], "WARN");

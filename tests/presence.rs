@@ -27,7 +27,10 @@ async fn every_instance_sees_every_terminal() {
     let (_, list) = get_json(&b, "/admin/tenants", None).await;
     assert_eq!(list["instances"].as_array().unwrap().len(), 2, "{list}");
     let kitchen = &list["tenants"][0];
-    assert_eq!((kitchen["tenant"].as_str(), kitchen["connections"].as_i64()), (Some("kitchen"), Some(1)));
+    assert_eq!(
+        (kitchen["tenant"].as_str(), kitchen["connections"].as_i64()),
+        (Some("kitchen"), Some(1))
+    );
 
     // A clean shutdown removes A at once (not after the expiry).
     a.stop().await;
@@ -120,7 +123,11 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     }
     let orders_read = async |s: &TestServer, n: f64| {
         eventually("the order is read by this instance", async || {
-            let got = metric(s, "orderpush_events_total{origin=\"db\",type=\"new_order\"}").await?;
+            let got = metric(
+                s,
+                "orderpush_events_total{origin=\"db\",type=\"new_order\"}",
+            )
+            .await?;
             (got >= n).then_some(())
         })
         .await
@@ -140,7 +147,11 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     insert_order(&mut client, "bistro", "BIS-1", 1).await;
     orders_read(&a, 1.0).await;
     orders_read(&b, 1.0).await;
-    assert_eq!(undelivered().await, 1.0, "counted once, not once per instance");
+    assert_eq!(
+        undelivered().await,
+        1.0,
+        "counted once, not once per instance"
+    );
     for s in [&a, &b] {
         assert_eq!(metric(s, "orderpush_tenants_undelivered").await, Some(1.0));
     }
@@ -158,5 +169,9 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     assert_eq!(pos.next().await["data"]["orderNumber"], "KIT-1");
     orders_read(&a, 2.0).await;
     orders_read(&b, 2.0).await;
-    assert_eq!(undelivered().await, 1.0, "a terminal elsewhere counts as delivered");
+    assert_eq!(
+        undelivered().await,
+        1.0,
+        "a terminal elsewhere counts as delivered"
+    );
 }

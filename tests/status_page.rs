@@ -79,7 +79,12 @@ async fn status_data_shows_terminals_and_red_tenants_without_customer_data() {
     assert!(html.contains("<title>orderpush status</title>"));
     assert!(html.contains(r#"<script src="status/app.js">"#));
     let js = reqwest::get(server.http("/status/app.js")).await.unwrap();
-    assert!(js.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
     assert!(js.text().await.unwrap().contains("status/data"));
 }
 
