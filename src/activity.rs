@@ -138,8 +138,9 @@ impl Activity {
         total as f64 / RATE_WINDOW_SECS as f64
     }
 
-    /// Tenants that received events with no terminal connected within [`UNDELIVERED_WINDOW`];
-    /// older entries are forgotten here, which keeps the map bounded by recent activity.
+    /// Tenants that received events with no terminal connected within [`UNDELIVERED_WINDOW`].
+    /// Older entries are forgotten here (every status poll and scrape): the map never holds
+    /// more than one entry per tenant, and usually only the recent ones.
     pub fn undelivered(&self) -> Vec<Undelivered> {
         let now = SystemTime::now();
         let mut inner = self.lock();
