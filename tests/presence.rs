@@ -112,6 +112,7 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
+    db.tenant("fence").await;
     let key = db.key("kitchen").await;
     let a = TestServer::start_with(&db, fast_presence).await;
     let b = TestServer::start_with(&db, fast_presence).await;
@@ -121,16 +122,17 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
         })
         .await;
     }
-    let orders_read = async |s: &TestServer, n: f64| {
-        eventually("the order is read by this instance", async || {
-            let got = metric(
-                s,
-                "orderpush_events_total{origin=\"db\",type=\"new_order\"}",
-            )
-            .await?;
-            (got >= n).then_some(())
-        })
-        .await
+    // A loyalty event after each order is a fence: each listener handles events one at a time,
+    // so once an instance has read the fence, it has finished with the order before it.
+    let fence = async |n: f64| {
+        insert_loyalty(&db.client().await, "fence", 1).await;
+        for s in [&a, &b] {
+            eventually("the fence is read by this instance", async || {
+                let name = "orderpush_events_total{origin=\"db\",type=\"loyalty_updated\"}";
+                (metric(s, name).await? >= n).then_some(())
+            })
+            .await;
+        }
     };
     let undelivered = async || {
         let mut total = 0.0;
@@ -145,15 +147,15 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     // No terminal anywhere: one instance reports it.
     let mut client = db.client().await;
     insert_order(&mut client, "bistro", "BIS-1", 1).await;
-    orders_read(&a, 1.0).await;
-    orders_read(&b, 1.0).await;
+    fence(1.0).await;
     assert_eq!(
         undelivered().await,
         1.0,
         "counted once, not once per instance"
     );
     for s in [&a, &b] {
-        assert_eq!(metric(s, "orderpush_tenants_undelivered").await, Some(1.0));
+        // bistro, and the fence's tenant (no terminal either).
+        assert_eq!(metric(s, "orderpush_tenants_undelivered").await, Some(2.0));
     }
 
     // A terminal on A only: B must not call kitchen's order undelivered.
@@ -167,8 +169,7 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     tokio::time::sleep(FAST_PRESENCE * 5).await;
     insert_order(&mut client, "kitchen", "KIT-1", 1).await;
     assert_eq!(pos.next().await["data"]["orderNumber"], "KIT-1");
-    orders_read(&a, 2.0).await;
-    orders_read(&b, 2.0).await;
+    fence(2.0).await;
     assert_eq!(
         undelivered().await,
         1.0,
