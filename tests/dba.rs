@@ -107,7 +107,10 @@ async fn migrate_status_lists_applied_and_pending() {
         .find(|l| l.contains("orderpush_event_log"))
         .unwrap();
     assert!(v2.contains("pending"), "{table}");
-    assert!(table.contains("1 pending"), "{table}");
+    // Every migration after V1 is pending (V2, and any added since, e.g. V3 presence).
+    let pending = list.iter().filter(|m| m["state"] == "pending").count();
+    assert!(pending >= 1);
+    assert!(table.contains(&format!("{pending} pending")), "{table}");
 
     // A migration edited after it ran is flagged, not hidden.
     db.client()
