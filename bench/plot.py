@@ -58,6 +58,10 @@ def main(src, dst):
         else:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cfg, **kw)
     ax.set_xscale("log", base=2)
+    writers = sorted({p[0] for pts in res.get("write_tps", {}).values() for p in pts})
+    if writers:
+        ax.set_xticks(writers)
+        ax.set_xticklabels([str(w) for w in writers])
     ax.set_xlabel("concurrent writers (pgbench)")
     ax.set_ylabel("order transactions / s")
     ax.set_title("4. write path: triggers vs none")

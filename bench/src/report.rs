@@ -68,8 +68,8 @@ impl Row {
     pub fn advantage(&self) -> Option<f64> {
         let (o, n) = (self.orderpush?, self.node?);
         match self.better {
-            Better::Lower if o > 0.0 => Some(n / o),
-            Better::Higher if n > 0.0 => Some(o / n),
+            Better::Lower if o > 0.0 && n > 0.0 => Some(n / o),
+            Better::Higher if n > 0.0 && o > 0.0 => Some(o / n),
             _ => None,
         }
     }

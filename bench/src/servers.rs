@@ -197,6 +197,29 @@ pub fn cpu_secs(pid: u32) -> f64 {
     (tick(11) + tick(12)) / hz
 }
 
+/// Kernel counters of connections refused at a full listen queue (TcpExt ListenOverflows,
+/// ListenDrops), machine-wide; a delta over a phase tells whether SYNs were dropped.
+pub fn listen_overflows() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/net/netstat") else {
+        return (0, 0);
+    };
+    let mut lines = text.lines();
+    while let (Some(h), Some(v)) = (lines.next(), lines.next()) {
+        if !h.starts_with("TcpExt:") {
+            continue;
+        }
+        let get = |name: &str| {
+            h.split_whitespace()
+                .position(|x| x == name)
+                .and_then(|i| v.split_whitespace().nth(i))
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0)
+        };
+        return (get("ListenOverflows"), get("ListenDrops"));
+    }
+    (0, 0)
+}
+
 /// Makes a private copy of the Node baseline (shared/ is read-only) and runs `npm ci` there once.
 pub async fn prepare_node(src: &Path, dst: &Path) -> Result<()> {
     if dst.join("node_modules/ws").exists() && dst.join("server.js").exists() {

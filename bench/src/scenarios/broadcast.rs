@@ -48,6 +48,8 @@ struct Outcome {
     latency: Summary,
     live_delivered: u64,
     durable: Option<u64>,
+    cpu: f64,
+    elapsed: f64,
 }
 
 async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
@@ -84,6 +86,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     let accepted_per_tenant: Arc<Vec<AtomicU64>> =
         Arc::new((0..t).map(|_| AtomicU64::new(0)).collect());
     let pad = Arc::new("x".repeat(a.payload_bytes));
+    let cpu0 = crate::servers::cpu_secs(server.pid);
     let start = now_ns();
     let end = start + a.phase_secs * 1_000_000_000;
     let mut tasks = Vec::new();
@@ -123,6 +126,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         errors += e;
     }
     let elapsed = (now_ns() - start) as f64 / 1e9;
+    let cpu = crate::servers::cpu_secs(server.pid) - cpu0;
     let latency = Summary::of_ns(&mut lat);
     let until = now_ns() + DRAIN.as_nanos() as u64;
     while total.load(Ordering::Relaxed) < accepted && now_ns() < until {
@@ -198,6 +202,8 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         latency,
         live_delivered,
         durable,
+        cpu,
+        elapsed,
     })
 }
 
@@ -221,7 +227,9 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         o.as_ref()
             .map(|o| {
                 format!(
-                    "{} accepted, {} rejected, {} errors, {} delivered live{}",
+                    "server CPU {:.1} s in {:.1} s, {} accepted, {} rejected, {} errors, {} delivered live{}",
+                    o.cpu,
+                    o.elapsed,
                     o.accepted,
                     o.rejected,
                     o.errors,

@@ -33,6 +33,7 @@ pub struct Outcome {
     pub rss_base_mib: f64,
     pub rss_full_mib: f64,
     pub curve: Vec<(usize, f64)>,
+    pub overflows: u64,
 }
 
 async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
@@ -49,6 +50,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     let mut failed = 0;
     let mut first_err = None;
     let wave = n.div_ceil(WAVES);
+    let ovf0 = crate::servers::listen_overflows();
     for chunk in eps.chunks(wave) {
         let (mut c, st) = ws::connect_many(
             chunk,
@@ -66,6 +68,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         tokio::time::sleep(WAVE_SETTLE).await;
         curve.push((clients.len(), server.rss_kib()? as f64 / 1024.0));
     }
+    let ovf1 = crate::servers::listen_overflows();
     tokio::time::sleep(SETTLE).await;
     let rss1 = server.rss_kib()?;
     let ok = clients.len();
@@ -76,11 +79,12 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         ));
     }
     say(format!(
-        "{}: {ok} connections, RSS {} -> {} KiB, connect {:.2} s",
+        "{}: {ok} connections, RSS {} -> {} KiB, connect {:.2} s, listen-queue overflows {}",
         kind.name(),
         rss0,
         rss1,
-        connect_ns as f64 / 1e9
+        connect_ns as f64 / 1e9,
+        ovf1.0 - ovf0.0
     ));
     ws::shutdown(clients, &stop_tx).await;
     let exit = server.stop().await?;
@@ -97,6 +101,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         rss_base_mib: rss0 as f64 / 1024.0,
         rss_full_mib: rss1 as f64 / 1024.0,
         curve,
+        overflows: ovf1.0 - ovf0.0,
     })
 }
 
@@ -147,9 +152,9 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
             .op(op.as_ref().map(|o| o.connect_rate))
             .node(nd.as_ref().map(|o| o.connect_rate))
             .note(format!(
-                "{CONNECT_CONCURRENCY} handshakes in flight; connected ok/failed: orderpush {}, node {}",
-                op.as_ref().map(|o| format!("{}/{}", o.ok, o.failed)).unwrap_or("–".into()),
-                nd.as_ref().map(|o| format!("{}/{}", o.ok, o.failed)).unwrap_or("–".into()),
+                "{CONNECT_CONCURRENCY} handshakes in flight; connected ok/failed (listen-queue overflows): orderpush {}, node {}",
+                op.as_ref().map(|o| format!("{}/{} ({})", o.ok, o.failed, o.overflows)).unwrap_or("–".into()),
+                nd.as_ref().map(|o| format!("{}/{} ({})", o.ok, o.failed, o.overflows)).unwrap_or("–".into()),
             )),
     );
     Ok(())

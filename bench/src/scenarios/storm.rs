@@ -34,6 +34,8 @@ struct Outcome {
     resyncs: u64,
     committed: u64,
     reconnect_failures: u64,
+    overflows: u64,
+    per_client: crate::stats::Summary,
 }
 
 async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
@@ -89,6 +91,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         })
     };
     tokio::time::sleep(WARM).await;
+    let ovf0 = crate::servers::listen_overflows();
     let t_kill = now_ns();
     let exit = server.stop().await?;
     let server = Server::start(&spec).await?;
@@ -108,9 +111,11 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     };
     let expected = w.committed * (a.clients / a.tenants) as u64;
     drain(&new_orders, expected).await;
+    let overflows = crate::servers::listen_overflows().0 - ovf0.0;
 
     // Caught up: a client has every order of its tenant committed before `t_up`.
     let mut worst = 0u64;
+    let mut per_client = Vec::new();
     let mut not_caught_up = 0;
     let mut reconnected = 0;
     let mut last_reconnect = 0u64;
@@ -141,6 +146,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
             not_caught_up += 1;
         } else {
             worst = worst.max(done_at);
+            per_client.push(done_at.max(t_up) - t_kill);
         }
     }
     let d = judge(&clients, &log, w.first_idx..w.end_idx);
@@ -164,6 +170,8 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         resyncs,
         committed: w.committed,
         reconnect_failures,
+        overflows,
+        per_client: crate::stats::Summary::of_ns(&mut per_client),
     };
     say(format!(
         "{}: reconnected {}/{} (all by {:?} ms), caught up {:?} ms after the drop, {} not caught up, lost {} dup {} ooo {}",
@@ -203,8 +211,8 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         o.as_ref()
             .map(|o| {
                 format!(
-                    "{} clients, restart {:.0} ms, {} reconnected ({} failed attempts), {} not caught up, {} orders committed, {} resync_required",
-                    o.clients, o.restart_ms, o.reconnected, o.reconnect_failures, o.not_caught_up, o.committed, o.resyncs
+                    "{} clients, restart {:.0} ms, per-client caught-up p50 {:.0} / p99 {:.0} ms, {} reconnected ({} failed attempts, {} SYNs dropped at a full listen queue), {} not caught up, {} orders committed, {} resync_required",
+                    o.clients, o.restart_ms, o.per_client.p50, o.per_client.p99, o.reconnected, o.reconnect_failures, o.overflows, o.not_caught_up, o.committed, o.resyncs
                 )
             })
             .unwrap_or("–".into())
