@@ -101,6 +101,14 @@ impl Server {
                 c
             }
         };
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the server if
+        // this bench dies first (Ctrl-C, timeout), so no server outlives an interrupted run.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))

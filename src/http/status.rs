@@ -54,15 +54,7 @@ async fn page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = admin::authorize(&state, peer, &headers, Challenge::Basic) {
-        return denied.into_response();
-    }
-    (
-        SECURITY_HEADERS,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        PAGE,
-    )
-        .into_response()
+    asset(&state, peer, &headers, "text/html; charset=utf-8", PAGE)
 }
 
 async fn script(
@@ -70,13 +62,30 @@ async fn script(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = admin::authorize(&state, peer, &headers, Challenge::Basic) {
+    asset(
+        &state,
+        peer,
+        &headers,
+        "text/javascript; charset=utf-8",
+        SCRIPT,
+    )
+}
+
+/// Serves one embedded file to an authorized caller.
+fn asset(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    content_type: &'static str,
+    body: &'static str,
+) -> Response {
+    if let Err(denied) = admin::authorize(state, peer, headers, Challenge::Basic) {
         return denied.into_response();
     }
     (
         SECURITY_HEADERS,
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        SCRIPT,
+        [(header::CONTENT_TYPE, content_type)],
+        body,
     )
         .into_response()
 }
