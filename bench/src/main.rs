@@ -74,9 +74,12 @@ async fn run(args: Args, argv: Vec<String>) -> Result<()> {
         ));
     }
     let mut res = Results {
-        command: format!("orderpush-bench {}", argv.join(" "))
-            .trim()
-            .to_string(),
+        command: format!(
+            "cargo run --release --manifest-path bench/Cargo.toml -- {}",
+            argv.join(" ")
+        )
+        .trim()
+        .to_string(),
         started,
         machine: machine(&ctx).await,
         ..Default::default()
@@ -259,10 +262,16 @@ async fn machine(ctx: &Ctx) -> BTreeMap<String, String> {
         .await
         .map(|o| !o.trim().is_empty())
         .unwrap_or(false);
+        let built = std::fs::metadata(bin)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map(|age| format!("binary built {} min before the run; ", age.as_secs() / 60))
+            .unwrap_or_default();
         m.insert(
             "orderpush".into(),
             format!(
-                "{} (repo HEAD {rev}{})",
+                "{} ({built}repo HEAD {rev}{})",
                 bin.display(),
                 if dirty { ", uncommitted changes" } else { "" }
             ),

@@ -23,27 +23,37 @@ enum Setup {
     Naive,
 }
 
-async fn run_config(ctx: &Ctx, cfg: &Config) -> Result<Vec<PgbenchRun>> {
+/// Rounds over all configurations; each figure is the best round's. The machine is shared
+/// (other sessions' builds and tests use the same cores and Postgres), so one unlucky 5 s run
+/// should not decide a ratio; rounds interleave the configurations so a busy spell hits all.
+const ROUNDS: usize = 2;
+
+/// Creates the configuration's database once (tables, triggers, wake-up mode, tenants).
+async fn prepare(ctx: &Ctx, cfg: &Config) -> Result<String> {
     let suffix = format!("wp_{}", cfg.name.replace(['=', '-'], "_"));
-    let db = match &cfg.setup {
+    Ok(match &cfg.setup {
         Setup::Plain => ctx.prepare_db(&suffix, DbSetup::Plain).await?,
         Setup::Orderpush(mode) => {
             ctx.prepare_db(&suffix, DbSetup::Orderpush { wakeup: Some(mode) })
                 .await?
         }
         Setup::Naive => ctx.prepare_db(&suffix, DbSetup::Naive).await?,
-    };
-    let url = ctx.pg.url(&db);
-    // The listener of each design runs, as in production.
+    })
+}
+
+/// One round of pgbench runs on a configuration, its listener running as in production.
+async fn run_config(ctx: &Ctx, cfg: &Config, db: &str) -> Result<Vec<PgbenchRun>> {
+    let url = ctx.pg.url(db);
+    let tag = format!("wp_{}", cfg.name.replace(['=', '-'], "_"));
     let server = match &cfg.setup {
         Setup::Plain => None,
         Setup::Orderpush(_) => {
-            let mut spec = ctx.spec(Kind::Orderpush, false, &suffix);
+            let mut spec = ctx.spec(Kind::Orderpush, false, &tag);
             spec.database_url = url.clone();
             Some(Server::start(&spec).await?)
         }
         Setup::Naive => {
-            let mut spec: ServerSpec = ctx.spec(Kind::Node, true, &suffix);
+            let mut spec: ServerSpec = ctx.spec(Kind::Node, true, &tag);
             spec.database_url = url.clone();
             Some(Server::start(&spec).await?)
         }
@@ -53,7 +63,7 @@ async fn run_config(ctx: &Ctx, cfg: &Config) -> Result<Vec<PgbenchRun>> {
         let c = pg::connect(&url).await?;
         c.batch_execute("CHECKPOINT").await?;
         drop(c);
-        let r = pg::pgbench(&ctx.pg, &db, w, ctx.args.pgbench_secs, &ctx.work_dir).await;
+        let r = pg::pgbench(&ctx.pg, db, w, ctx.args.pgbench_secs, &ctx.work_dir).await;
         match r {
             Ok(r) => {
                 say(format!(
@@ -93,20 +103,46 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
             setup: Setup::Naive,
         });
     }
-    let mut all: BTreeMap<String, Vec<PgbenchRun>> = BTreeMap::new();
+    let mut dbs: BTreeMap<String, String> = BTreeMap::new();
     for cfg in &configs {
-        super::ensure_idle(ctx, &format!("scenario 4 {}", cfg.name)).await;
-        say(format!("scenario 4 (write path): {}", cfg.name));
-        match run_config(ctx, cfg).await {
-            Ok(r) => {
-                res.write_tps.insert(
-                    cfg.name.clone(),
-                    r.iter().map(|r| (r.writers, r.tps)).collect(),
-                );
-                all.insert(cfg.name.clone(), r);
+        match prepare(ctx, cfg).await {
+            Ok(db) => {
+                dbs.insert(cfg.name.clone(), db);
             }
             Err(e) => ctx.note(format!("scenario 4 config {} failed: {e:#}", cfg.name)),
         }
+    }
+    let mut all: BTreeMap<String, Vec<PgbenchRun>> = BTreeMap::new();
+    for round in 1..=ROUNDS {
+        for cfg in &configs {
+            let Some(db) = dbs.get(&cfg.name) else {
+                continue;
+            };
+            super::ensure_idle(ctx, &format!("scenario 4 {}", cfg.name)).await;
+            say(format!(
+                "scenario 4 (write path), round {round}/{ROUNDS}: {}",
+                cfg.name
+            ));
+            match run_config(ctx, cfg, db).await {
+                Ok(runs) => {
+                    let best = all.entry(cfg.name.clone()).or_default();
+                    for r in runs {
+                        match best.iter_mut().find(|b| b.writers == r.writers) {
+                            Some(b) if b.tps >= r.tps => {}
+                            Some(b) => *b = r,
+                            None => best.push(r),
+                        }
+                    }
+                }
+                Err(e) => ctx.note(format!("scenario 4 config {} failed: {e:#}", cfg.name)),
+            }
+        }
+    }
+    for (name, runs) in &all {
+        res.write_tps.insert(
+            name.clone(),
+            runs.iter().map(|r| (r.writers, r.tps)).collect(),
+        );
     }
     let get = |name: &str, w: usize| {
         all.get(name)
@@ -174,7 +210,8 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
                 s,
                 &format!("added p50 commit latency, wakeup={m}, {min_w} writer"),
                 "ms",
-                Better::Lower,
+                // A difference of two noisy ~0.6 ms medians: a ratio of two of them means nothing.
+                Better::Neither,
             )
             .op(added(&o))
             .node(added(&n))
