@@ -230,8 +230,11 @@ impl Args {
         if !(a.fanout_rate > 0.0 && a.fanout_rate <= 1000.0) {
             bail!("--fanout-rate must be in (0, 1000]");
         }
-        if !(a.storm_rate > 0.0 && a.storm_rate <= 2000.0) || !(4..=120).contains(&a.storm_secs) {
-            bail!("--storm-rate must be in (0, 2000], --storm-secs in 4..120");
+        if !(a.storm_rate > 0.0 && a.storm_rate <= 2000.0) {
+            bail!("--storm-rate must be in (0, 2000]");
+        }
+        if !(4..=120).contains(&a.storm_secs) {
+            bail!("--storm-secs must be in 4..120");
         }
         if a.pgbench_secs == 0 || a.pgbench_secs > 120 {
             bail!("--pgbench-secs must be 1..120");

@@ -287,5 +287,5 @@ pub fn raise_nofile() -> u64 {
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
