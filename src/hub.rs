@@ -4,12 +4,11 @@
 //! (after a blip, or all 10k at once after a restart) is served from memory, not the database.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
@@ -31,25 +30,79 @@ pub enum KickReason {
     KeyRevoked,
 }
 
-/// A one-shot "stop now" signal for one socket, with the reason.
+/// One socket's queue and its "stop now" signal, shared by the hub (producer) and the socket
+/// task (consumer).
+///
+/// Deliberately not a tokio mpsc channel: that allocates its first block (32 slots, ~1.3 KB)
+/// up front, for every one of 10k mostly idle terminals. An empty `VecDeque` allocates nothing.
 #[derive(Debug, Default)]
-struct Kick {
-    token: CancellationToken,
-    reason: OnceLock<KickReason>,
+struct Mailbox {
+    queue: Mutex<Queue>,
+    /// Woken when a frame is queued (`notify_one` keeps a permit if the task is not waiting).
+    frames: Notify,
+    /// Woken once, when the socket is kicked (every waiter: the task may wait in two places).
+    kick: Notify,
+    /// 0 = not kicked, else a [`KickReason`] code.
+    kicked: AtomicU8,
 }
 
-impl Kick {
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+}
+
+impl Mailbox {
+    /// Queues a frame unless that would exceed either bound; false means "too slow".
+    fn push(&self, frame: &Frame, max_bytes: usize, max_frames: usize) -> bool {
+        let mut q = lock(&self.queue);
+        if q.frames.len() >= max_frames || q.bytes + frame.text.len() > max_bytes {
+            return false;
+        }
+        q.bytes += frame.text.len();
+        q.frames.push_back(frame.clone());
+        drop(q);
+        self.frames.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Option<Frame> {
+        let mut q = lock(&self.queue);
+        let frame = q.frames.pop_front()?;
+        q.bytes -= frame.text.len();
+        if q.frames.is_empty() {
+            // Give back the memory a burst grew the queue to: idle sockets hold nothing.
+            q.frames = VecDeque::new();
+        }
+        Some(frame)
+    }
+
     fn fire(&self, reason: KickReason) {
-        let _ = self.reason.set(reason);
-        self.token.cancel();
+        let code = match reason {
+            KickReason::SlowConsumer => 1,
+            KickReason::KeyRevoked => 2,
+        };
+        if self
+            .kicked
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.kick.notify_waiters();
+        }
+    }
+
+    fn reason(&self) -> Option<KickReason> {
+        match self.kicked.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(KickReason::SlowConsumer),
+            _ => Some(KickReason::KeyRevoked),
+        }
     }
 }
 
 #[derive(Debug)]
 struct Client {
-    tx: mpsc::Sender<Frame>,
-    queued_bytes: Arc<AtomicUsize>,
-    kick: Arc<Kick>,
+    mailbox: Arc<Mailbox>,
     key_id: Arc<str>,
 }
 
@@ -147,37 +200,41 @@ pub struct Hub {
 /// A socket's end of its queue. Dropping it unregisters the socket.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: mpsc::Receiver<Frame>,
-    queued_bytes: Arc<AtomicUsize>,
-    kick: Arc<Kick>,
+    mailbox: Arc<Mailbox>,
     hub: Arc<Hub>,
     tenant: Arc<str>,
     client: u64,
 }
 
 impl Subscription {
-    /// The next queued frame; `None` once the hub has dropped this socket.
-    pub async fn recv(&mut self) -> Option<Frame> {
-        let frame = self.rx.recv().await?;
-        self.queued_bytes
-            .fetch_sub(frame.text.len(), Ordering::Relaxed);
-        Some(frame)
+    /// The next queued frame, waiting for one if need be. Cancel-safe: a frame is only taken
+    /// from the queue when it is returned.
+    pub async fn recv(&self) -> Frame {
+        loop {
+            if let Some(frame) = self.mailbox.pop() {
+                return frame;
+            }
+            self.mailbox.frames.notified().await;
+        }
     }
 
     /// Resolves when the hub ends this subscription; then [`Subscription::kick_reason`] says why.
     pub async fn kicked(&self) {
-        self.kick.token.cancelled().await;
-    }
-
-    /// A handle that is cancelled when the hub ends this subscription (usable while the
-    /// subscription itself is borrowed for `recv`).
-    pub fn kick_signal(&self) -> CancellationToken {
-        self.kick.token.clone()
+        loop {
+            // Register before checking, so a kick between the check and the await still wakes.
+            let notified = self.mailbox.kick.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.mailbox.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Why the subscription was ended, if it was.
     pub fn kick_reason(&self) -> Option<KickReason> {
-        self.kick.reason.get().copied()
+        self.mailbox.reason()
     }
 }
 
@@ -208,14 +265,10 @@ impl Hub {
         key_id: &str,
         since: Option<i64>,
     ) -> (Subscription, Replay) {
-        let (tx, rx) = mpsc::channel(self.queue_frames);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let kick = Arc::new(Kick::default());
+        let mailbox = Arc::new(Mailbox::default());
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
         let entry = Client {
-            tx,
-            queued_bytes: Arc::clone(&queued_bytes),
-            kick: Arc::clone(&kick),
+            mailbox: Arc::clone(&mailbox),
             key_id: Arc::from(key_id),
         };
         let replay = {
@@ -225,9 +278,7 @@ impl Hub {
             t.replay_after(since)
         };
         let sub = Subscription {
-            rx,
-            queued_bytes,
-            kick,
+            mailbox,
             hub: Arc::clone(self),
             tenant: Arc::clone(tenant),
             client,
@@ -273,29 +324,21 @@ impl Hub {
                 None => Arc::clone(map.entry(Arc::from(tenant)).or_default()),
             }
         };
-        let len = frame.text.len();
         let mut delivery = Delivery::default();
         let mut t = lock(&state);
         t.remember(frame);
         t.clients.retain(|_, c| {
-            if c.kick.token.is_cancelled() {
+            if c.mailbox.reason().is_some() {
                 return false;
             }
-            let fits = c.queued_bytes.fetch_add(len, Ordering::Relaxed) + len <= self.queue_bytes;
-            let sent = fits
-                && match c.tx.try_send(frame.clone()) {
-                    Ok(()) => true,
-                    // The socket task is gone; its Subscription drop removes it anyway.
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                    Err(mpsc::error::TrySendError::Full(_)) => false,
-                };
-            if sent {
+            if c.mailbox.push(frame, self.queue_bytes, self.queue_frames) {
                 delivery.sent += 1;
+                true
             } else {
-                c.kick.fire(KickReason::SlowConsumer);
+                c.mailbox.fire(KickReason::SlowConsumer);
                 delivery.failed += 1;
+                false
             }
-            sent
         });
         delivery
     }
@@ -326,7 +369,7 @@ impl Hub {
             let mut t = lock(t);
             t.clients.retain(|_, c| {
                 if key_ids.iter().any(|k| **k == *c.key_id) {
-                    c.kick.fire(reason);
+                    c.mailbox.fire(reason);
                     n += 1;
                     false
                 } else {
@@ -384,14 +427,14 @@ mod tests {
             hub.publish("kitchen", &frame(1, "12345")),
             Delivery { sent: 2, failed: 0 }
         );
-        assert_eq!(fast.recv().await.unwrap().id, 1);
+        assert_eq!(fast.recv().await.id, 1);
         // `slow` still holds 5 bytes; 6 more exceed its 10-byte budget, `fast` has room.
         assert_eq!(
             hub.publish("kitchen", &frame(2, "123456")),
             Delivery { sent: 1, failed: 1 }
         );
         assert_eq!(slow.kick_reason(), Some(KickReason::SlowConsumer));
-        assert_eq!(fast.recv().await.unwrap().id, 2);
+        assert_eq!(fast.recv().await.id, 2);
         assert_eq!(hub.tenant_connections("kitchen"), 1);
     }
 

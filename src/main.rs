@@ -48,8 +48,7 @@ fn init_tracing(format: LogFormat) {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
+            let listener = server::bind(args.listen)
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             let shutdown = CancellationToken::new();
             // Deliberately detached: it lives as long as the process and only cancels a token.

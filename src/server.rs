@@ -28,6 +28,24 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// than this (or whose tenant is quiet) replays from the database instead.
 pub const PRELOAD_WINDOW: Duration = Duration::from_secs(15 * 60);
 
+/// Pending connections the kernel queues for `accept`. mio's default (128) overflows when a
+/// fleet of terminals reconnects at once (each dropped SYN costs the client a ~1 s retransmit);
+/// 4096 absorbs a 10k-terminal storm (Linux caps it at net.core.somaxconn).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the service's listening socket with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted instance can bind at once despite the old one's sockets in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// What `run` needs to know.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

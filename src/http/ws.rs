@@ -5,6 +5,7 @@
 //! may acknowledge what it processed with `{"type":"ack","id":N}`.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -184,35 +185,58 @@ async fn serve_socket(
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key.id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let (mut sub, replay) = state.hub.subscribe(&tenant, &key.id, since);
+    let (sub, replay) = state.hub.subscribe(&tenant, &key.id, since);
     let conn = state.presence.register(&tenant, &key.id, peer, since);
-    let reason = run(&mut socket, &state, &tenant, &mut sub, &conn, since, replay).await;
+    let reason = {
+        // Pinned once per connection: creating these futures for every frame would register
+        // and unregister a waiter under a lock each time.
+        let shutdown = state.shutdown.cancelled();
+        let kicked = sub.kicked();
+        tokio::pin!(shutdown, kicked);
+        let mut socket_task = SocketTask {
+            socket: &mut socket,
+            state: &state,
+            tenant: &tenant,
+            sub: &sub,
+            conn: &conn,
+            shutdown,
+            kicked,
+        };
+        socket_task.run(since, replay).await
+    };
     drop(sub);
     drop(conn);
-    let close = match reason {
-        DisconnectReason::Shutdown => Some((close_code::GOING_AWAY, "server shutting down")),
-        DisconnectReason::SlowConsumer => Some((
-            close_code::TRY_AGAIN_LATER,
-            "too slow: reconnect with ?since=<last id>",
-        )),
-        DisconnectReason::KeyRevoked => Some((close_code::POLICY, "API key revoked")),
-        DisconnectReason::ServerError => Some((
-            close_code::INTERNAL,
-            "temporary server error: reconnect with ?since=<last id>",
-        )),
-        DisconnectReason::Client
-        | DisconnectReason::PingTimeout
-        | DisconnectReason::ProtocolError => None,
-    };
-    if let Some((code, reason_text)) = close {
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason_text),
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
-    }
+    // Boxed: the close handshake (with its timer) is rare, and inline it would enlarge every
+    // idle connection's task.
+    Box::pin(close(&mut socket, reason)).await;
     state.metrics.disconnected(reason);
     info!(tenant = %tenant, key_id = %key.id, ?reason, "WebSocket connection closed for tenant: {tenant}");
+}
+
+/// Sends the close frame that tells the POS why, if the reason has one.
+async fn close(socket: &mut WebSocket, reason: DisconnectReason) {
+    let (code, text) = match reason {
+        DisconnectReason::Shutdown => (close_code::GOING_AWAY, "server shutting down"),
+        DisconnectReason::SlowConsumer => (
+            close_code::TRY_AGAIN_LATER,
+            "too slow: reconnect with ?since=<last id>",
+        ),
+        DisconnectReason::KeyRevoked => (close_code::POLICY, "API key revoked"),
+        DisconnectReason::ServerError => (
+            close_code::INTERNAL,
+            "temporary server error: reconnect with ?since=<last id>",
+        ),
+        DisconnectReason::Client
+        | DisconnectReason::PingTimeout
+        | DisconnectReason::ProtocolError => {
+            return;
+        }
+    };
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(text),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
 
 /// Why a send was interrupted.
@@ -220,110 +244,191 @@ enum Stop {
     Ended(DisconnectReason),
 }
 
-async fn run(
-    socket: &mut WebSocket,
-    state: &AppState,
-    tenant: &Arc<str>,
-    sub: &mut Subscription,
-    conn: &Registration,
-    since: Option<i64>,
-    replay: Replay,
-) -> DisconnectReason {
-    let mut last_sent = match (since, replay) {
-        (None, _) => None,
-        (Some(since), Replay::Frames(frames)) => {
-            // Served from the hub's memory: no database query on the reconnect path.
-            state
-                .metrics
-                .resumes_from_memory
-                .fetch_add(1, Ordering::Relaxed);
-            let mut last = since;
-            for frame in frames {
-                if let Err(Stop::Ended(reason)) =
-                    send(socket, state, sub, Message::Text(frame.text)).await
-                {
-                    return reason;
-                }
-                state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-                state
+/// One POS socket's task: its socket, its queue, and the two ways it can be told to stop.
+struct SocketTask<'a, S, K> {
+    socket: &'a mut WebSocket,
+    state: &'a AppState,
+    tenant: &'a Arc<str>,
+    sub: &'a Subscription,
+    conn: &'a Registration,
+    shutdown: Pin<&'a mut S>,
+    kicked: Pin<&'a mut K>,
+}
+
+impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
+    async fn run(&mut self, since: Option<i64>, replay: Replay) -> DisconnectReason {
+        let mut last_sent = match (since, replay) {
+            (None, _) => None,
+            (Some(since), Replay::Frames(frames)) => {
+                // Served from the hub's memory: no database query on the reconnect path.
+                self.state
                     .metrics
-                    .replayed_frames
+                    .resumes_from_memory
                     .fetch_add(1, Ordering::Relaxed);
-                conn.delivered(frame.id);
-                last = frame.id;
+                let mut last = since;
+                for frame in frames {
+                    if let Err(Stop::Ended(reason)) =
+                        self.send_event(frame.id, frame.text, true).await
+                    {
+                        return reason;
+                    }
+                    last = frame.id;
+                }
+                Some(last)
             }
-            Some(last)
-        }
-        (Some(since), Replay::Database) => {
-            state
-                .metrics
-                .resumes_from_database
-                .fetch_add(1, Ordering::Relaxed);
-            match catch_up(socket, state, tenant, sub, conn, since).await {
-                Ok(last) => Some(last),
-                Err(Stop::Ended(reason)) => return reason,
+            (Some(since), Replay::Database) => {
+                self.state
+                    .metrics
+                    .resumes_from_database
+                    .fetch_add(1, Ordering::Relaxed);
+                // Boxed: the database replay's futures are large and rarely needed.
+                match Box::pin(self.catch_up(since)).await {
+                    Ok(last) => Some(last),
+                    Err(Stop::Ended(reason)) => return reason,
+                }
+            }
+        };
+        let mut ping = tokio::time::interval(self.state.tuning.ping_interval);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut self.shutdown => return DisconnectReason::Shutdown,
+                _ = &mut self.kicked => return self.kick_reason(),
+                frame = self.sub.recv() => {
+                    if let Some(last) = last_sent {
+                        if frame.id <= last {
+                            continue; // already sent by the replay
+                        }
+                        if frame.id > last + 1 {
+                            // A hole (e.g. pruned before the listener read it): fill it from
+                            // the log, or tell the POS to resync; never skip silently.
+                            match Box::pin(self.catch_up(last)).await {
+                                Ok(l) => last_sent = Some(l),
+                                Err(Stop::Ended(reason)) => return reason,
+                            }
+                            if frame.id <= last_sent.unwrap_or(last) {
+                                continue;
+                            }
+                        }
+                    }
+                    if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
+                        return reason;
+                    }
+                    last_sent = Some(frame.id);
+                }
+                msg = self.socket.recv() => {
+                    match msg {
+                        None | Some(Ok(Message::Close(_))) => return DisconnectReason::Client,
+                        Some(Err(e)) => {
+                            debug!(error = %e, "socket read failed");
+                            return DisconnectReason::ProtocolError;
+                        }
+                        // Anything a POS sends proves it is alive; a text frame may be an ack.
+                        Some(Ok(msg)) => {
+                            last_heard = Instant::now();
+                            if let Message::Text(text) = msg {
+                                client_message(self.state, self.conn, &text);
+                            }
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= self.state.tuning.pong_timeout {
+                        return DisconnectReason::PingTimeout;
+                    }
+                    if let Err(Stop::Ended(reason)) = self.send(Message::Ping(Default::default())).await {
+                        return reason;
+                    }
+                }
             }
         }
-    };
-    let mut ping = tokio::time::interval(state.tuning.ping_interval);
-    ping.tick().await;
-    let mut last_heard = Instant::now();
-    let kicked = sub.kick_signal();
-    loop {
+    }
+
+    fn kick_reason(&self) -> DisconnectReason {
+        match self.sub.kick_reason() {
+            Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
+            Some(KickReason::SlowConsumer) | None => DisconnectReason::SlowConsumer,
+        }
+    }
+
+    /// Sends one message, giving up as soon as the socket is kicked or the server shuts down
+    /// (a stalled peer must not pin its task).
+    async fn send(&mut self, msg: Message) -> Result<(), Stop> {
         tokio::select! {
             biased;
-            _ = state.shutdown.cancelled() => return DisconnectReason::Shutdown,
-            _ = kicked.cancelled() => return kick_reason(sub),
-            frame = sub.recv() => {
-                let Some(frame) = frame else { return kick_reason(sub) };
-                if let Some(last) = last_sent {
-                    if frame.id <= last {
-                        continue; // already sent by the replay
+            r = self.socket.send(msg) => r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
+            _ = &mut self.kicked => Err(Stop::Ended(self.kick_reason())),
+            _ = &mut self.shutdown => Err(Stop::Ended(DisconnectReason::Shutdown)),
+        }
+    }
+
+    /// Sends one event frame and records it (metrics, presence).
+    async fn send_event(&mut self, id: i64, text: Utf8Bytes, replayed: bool) -> Result<(), Stop> {
+        self.send(Message::Text(text)).await?;
+        let metrics = &self.state.metrics;
+        metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+        if replayed {
+            metrics.replayed_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        self.conn.delivered(id);
+        Ok(())
+    }
+
+    /// Sends every retained event with `id > since`, in order; returns the last id the client
+    /// now has. When `since` cannot be honoured (older than what is retained, or ahead of the
+    /// log), sends `resync_required` instead and returns the tenant's latest id.
+    async fn catch_up(&mut self, since: i64) -> Result<i64, Stop> {
+        let tenant = Arc::clone(self.tenant);
+        let server_error = |e: crate::db::DbError| {
+            tracing::warn!(error = %e, tenant = %tenant, "replay failed");
+            Stop::Ended(DisconnectReason::ServerError)
+        };
+        let client = self
+            .state
+            .pool
+            .get()
+            .await
+            .map_err(|e| server_error(e.into()))?;
+        let head = events::head(&**client, &tenant)
+            .await
+            .map_err(server_error)?;
+        if since == head {
+            return Ok(since);
+        }
+        let mut last = since;
+        if since < head {
+            loop {
+                let page = events::replay(&**client, &tenant, last, REPLAY_PAGE)
+                    .await
+                    .map_err(server_error)?;
+                let n = page.len() as i64;
+                for e in page {
+                    if e.id != last + 1 {
+                        break; // a hole: pruned; resync below
                     }
-                    if frame.id > last + 1 {
-                        // A hole (e.g. pruned before the listener read it): fill it from the log,
-                        // or tell the POS to resync; never skip silently.
-                        match catch_up(socket, state, tenant, sub, conn, last).await {
-                            Ok(l) => last_sent = Some(l),
-                            Err(Stop::Ended(reason)) => return reason,
-                        }
-                        if frame.id <= last_sent.unwrap_or(last) {
-                            continue;
-                        }
-                    }
+                    self.send_event(e.id, e.to_frame().into(), true).await?;
+                    last = e.id;
                 }
-                if let Err(Stop::Ended(reason)) = send(socket, state, sub, Message::Text(frame.text)).await {
-                    return reason;
+                if last >= head || n < REPLAY_PAGE {
+                    break;
                 }
-                state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-                conn.delivered(frame.id);
-                last_sent = Some(frame.id);
             }
-            msg = socket.recv() => {
-                match msg {
-                    None | Some(Ok(Message::Close(_))) => return DisconnectReason::Client,
-                    Some(Err(e)) => {
-                        debug!(error = %e, "socket read failed");
-                        return DisconnectReason::ProtocolError;
-                    }
-                    // Anything a POS sends proves it is alive; a text frame may be an ack.
-                    Some(Ok(msg)) => {
-                        last_heard = Instant::now();
-                        if let Message::Text(text) = msg {
-                            client_message(state, conn, &text);
-                        }
-                    }
-                }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() >= state.tuning.pong_timeout {
-                    return DisconnectReason::PingTimeout;
-                }
-                if let Err(Stop::Ended(reason)) = send(socket, state, sub, Message::Ping(Default::default())).await {
-                    return reason;
-                }
+            if last >= head {
+                return Ok(last);
             }
         }
+        let reason = if since > head {
+            "since_ahead_of_log"
+        } else {
+            "since_expired"
+        };
+        let text = event::resync_required(&tenant, reason, since, head);
+        self.send(Message::Text(text.into())).await?;
+        self.state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        self.conn.delivered(head);
+        Ok(head)
     }
 }
 
@@ -352,89 +457,4 @@ fn client_message(state: &AppState, conn: &Registration, text: &str) {
             .fetch_add(1, Ordering::Relaxed);
         debug!(ack, "ignored a message from a POS");
     }
-}
-
-fn kick_reason(sub: &Subscription) -> DisconnectReason {
-    match sub.kick_reason() {
-        Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
-        Some(KickReason::SlowConsumer) | None => DisconnectReason::SlowConsumer,
-    }
-}
-
-/// Sends one message, giving up as soon as the socket is kicked or the server shuts down (a
-/// stalled peer must not pin its task).
-async fn send(
-    socket: &mut WebSocket,
-    state: &AppState,
-    sub: &Subscription,
-    msg: Message,
-) -> Result<(), Stop> {
-    tokio::select! {
-        biased;
-        r = socket.send(msg) => r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
-        _ = sub.kicked() => Err(Stop::Ended(kick_reason(sub))),
-        _ = state.shutdown.cancelled() => Err(Stop::Ended(DisconnectReason::Shutdown)),
-    }
-}
-
-/// Sends every retained event with `id > since`, in order; returns the last id the client now
-/// has. When `since` cannot be honoured (older than what is retained, or ahead of the log), sends
-/// `resync_required` instead and returns the tenant's latest id.
-async fn catch_up(
-    socket: &mut WebSocket,
-    state: &AppState,
-    tenant: &Arc<str>,
-    sub: &Subscription,
-    conn: &Registration,
-    since: i64,
-) -> Result<i64, Stop> {
-    let server_error = |e: crate::db::DbError| {
-        tracing::warn!(error = %e, tenant = %tenant, "replay failed");
-        Stop::Ended(DisconnectReason::ServerError)
-    };
-    let client = state.pool.get().await.map_err(|e| server_error(e.into()))?;
-    let head = events::head(&**client, tenant)
-        .await
-        .map_err(server_error)?;
-    if since == head {
-        return Ok(since);
-    }
-    let mut last = since;
-    if since < head {
-        loop {
-            let page = events::replay(&**client, tenant, last, REPLAY_PAGE)
-                .await
-                .map_err(server_error)?;
-            let n = page.len() as i64;
-            for e in page {
-                if e.id != last + 1 {
-                    break; // a hole: pruned; resync below
-                }
-                send(socket, state, sub, Message::Text(e.to_frame().into())).await?;
-                state.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-                state
-                    .metrics
-                    .replayed_frames
-                    .fetch_add(1, Ordering::Relaxed);
-                conn.delivered(e.id);
-                last = e.id;
-            }
-            if last >= head || n < REPLAY_PAGE {
-                break;
-            }
-        }
-        if last >= head {
-            return Ok(last);
-        }
-    }
-    let reason = if since > head {
-        "since_ahead_of_log"
-    } else {
-        "since_expired"
-    };
-    let text = event::resync_required(tenant, reason, since, head);
-    send(socket, state, sub, Message::Text(text.into())).await?;
-    state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
-    conn.delivered(head);
-    Ok(head)
 }
