@@ -421,7 +421,7 @@ mod tests {
     async fn a_full_queue_kicks_only_that_socket() {
         let hub = Hub::new(10, 100, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
-        let (mut fast, _) = hub.subscribe(&tenant, "k1", None);
+        let (fast, _) = hub.subscribe(&tenant, "k1", None);
         let (slow, _) = hub.subscribe(&tenant, "k2", None);
         assert_eq!(
             hub.publish("kitchen", &frame(1, "12345")),
