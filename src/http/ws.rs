@@ -41,7 +41,7 @@ pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
 /// tungstenite's read buffer per socket, allocated up front; its 128 KiB default is sized for
 /// throughput, and 10k idle terminals would hold 1.25 GB with it. A POS sends only pongs and
 /// acks (tens of bytes); the buffer still grows on demand up to MAX_INCOMING_MESSAGE.
-pub const READ_BUFFER: usize = 512;
+pub const READ_BUFFER: usize = 128;
 /// Largest write backlog inside tungstenite for one socket: one maximal frame (a 256 KiB
 /// broadcast plus envelope) and a close frame. Our own queue (the hub's) bounds the rest.
 pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
@@ -107,9 +107,16 @@ async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(MAX_INCOMING_MESSAGE)
         .max_frame_size(MAX_INCOMING_MESSAGE)
-        .on_upgrade(move |socket| async move {
-            serve_socket(socket, state, tenant, key, since, peer).await;
-            drop(token);
+        .on_upgrade(move |socket| {
+            serve_socket(
+                Box::new(socket),
+                state,
+                tenant,
+                key.id.into(),
+                since,
+                peer,
+                token,
+            )
         }))
 }
 
@@ -173,20 +180,25 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
+/// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
+/// an async fn's arguments are stored in its task for its whole life, so keeping them small
+/// keeps every idle connection small.
 async fn serve_socket(
-    mut socket: WebSocket,
+    mut socket: Box<WebSocket>,
     state: AppState,
     tenant: Arc<str>,
-    key: KeyIdentity,
+    key_id: Arc<str>,
     since: Option<i64>,
     peer: SocketAddr,
+    // Held until the socket is closed, so shutdown waits for the close frame.
+    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    info!(tenant = %tenant, key_id = %key.id, since, "new WebSocket connection for tenant: {tenant}");
+    info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let (sub, replay) = state.hub.subscribe(&tenant, &key.id, since);
-    let conn = state.presence.register(&tenant, &key.id, peer, since);
+    let (sub, replay) = state.hub.subscribe(&tenant, &key_id, since);
+    let conn = state.presence.register(&tenant, &key_id, peer, since);
     let reason = {
         // Pinned once per connection: creating these futures for every frame would register
         // and unregister a waiter under a lock each time.
@@ -210,7 +222,7 @@ async fn serve_socket(
     // idle connection's task.
     Box::pin(close(&mut socket, reason)).await;
     state.metrics.disconnected(reason);
-    info!(tenant = %tenant, key_id = %key.id, ?reason, "WebSocket connection closed for tenant: {tenant}");
+    info!(tenant = %tenant, key_id = %key_id, ?reason, "WebSocket connection closed for tenant: {tenant}");
 }
 
 /// Sends the close frame that tells the POS why, if the reason has one.
