@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod dba;
 mod events;
+mod faults;
 mod ops_logs;
 mod presence;
 mod protocol;

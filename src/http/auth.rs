@@ -190,7 +190,11 @@ impl AuthLimiter {
         if self.limit == 0 {
             return Ok(());
         }
-        match self.lock().get(&limiter_key(addr)).and_then(|e| e.blocked_until) {
+        match self
+            .lock()
+            .get(&limiter_key(addr))
+            .and_then(|e| e.blocked_until)
+        {
             Some(until) if until > now => Err(until - now),
             _ => Ok(()),
         }
@@ -302,12 +306,21 @@ mod tests {
         assert!(!limiter.record_failure(a, t0));
         assert!(!limiter.record_failure(a, t0));
         assert!(limiter.check(a, t0).is_ok());
-        assert!(limiter.record_failure(a, t0), "the third failure starts the cooldown");
+        assert!(
+            limiter.record_failure(a, t0),
+            "the third failure starts the cooldown"
+        );
         assert_eq!(limiter.check(a, t0), Err(Duration::from_secs(30)));
-        assert!(limiter.check(b, t0).is_ok(), "other addresses are unaffected");
+        assert!(
+            limiter.check(b, t0).is_ok(),
+            "other addresses are unaffected"
+        );
         let later = t0 + Duration::from_secs(30);
         assert!(limiter.check(a, later).is_ok(), "the cooldown ends");
-        assert!(!limiter.record_failure(a, later), "and counting starts over");
+        assert!(
+            !limiter.record_failure(a, later),
+            "and counting starts over"
+        );
     }
 
     #[test]
