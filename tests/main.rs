@@ -3,11 +3,13 @@
 mod admin;
 mod broadcast;
 mod browser_auth;
+mod chaos;
 mod cli;
 mod common;
 mod dba;
 mod events;
 mod faults;
+mod fuzz;
 mod ops_logs;
 mod presence;
 mod protocol;
