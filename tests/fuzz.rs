@@ -228,7 +228,8 @@ async fn check_broadcast(t: &Target, case: BroadcastCase) -> Result<(), TestCase
             .await
             .unwrap();
         let (kind, data): (String, String) = (row.get(0), row.get(1));
-        if kind != sent["event"]["type"] || data != sent["event"]["data"].to_string() {
+        let expected = serde_json::to_string(&sent["event"]["data"]).unwrap();
+        if kind != sent["event"]["type"] || data != expected {
             return Err(fail(format!("stored {kind} {data} for {sent}")));
         }
     }
