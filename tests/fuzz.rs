@@ -60,8 +60,16 @@ fn arb_json() -> impl Strategy<Value = Value> {
 
 /// A well-formed broadcast: what the web app sends.
 fn valid_body() -> impl Strategy<Value = Value> {
+    body_for(prop_oneof![
+        Just("kitchen".to_string()),
+        Just("bistro".to_string())
+    ])
+}
+
+/// A well-formed broadcast event for whatever tenant `tenant` yields.
+fn body_for(tenant: impl Strategy<Value = String>) -> impl Strategy<Value = Value> {
     (
-        prop_oneof![Just("kitchen"), Just("bistro")],
+        tenant,
         "[A-Za-z0-9_.-]{1,64}",
         proptest::option::of("[ -~]{0,64}"),
         arb_json(),
@@ -79,6 +87,8 @@ fn valid_body() -> impl Strategy<Value = Value> {
 enum Body {
     /// Must be accepted (when the headers are right) and delivered as sent.
     Valid(Value),
+    /// Well-formed but for a tenant that does not exist (or cannot): 404, nothing written.
+    NoSuchTenant(Value),
     /// Anything: must be answered 4xx or 200, and 200 only with an event written.
     Unknown(Vec<u8>),
 }
@@ -86,6 +96,14 @@ enum Body {
 fn body() -> impl Strategy<Value = Body> {
     prop_oneof![
         3 => valid_body().prop_map(Body::Valid),
+        1 => body_for(prop_oneof![
+            "[a-z0-9-]{1,63}",
+            ".{0,80}",
+            Just("Kitchen".to_string()),
+            Just("kitchen ".to_string()),
+        ])
+        .prop_filter("an existing tenant", |v| v["tenant"] != "kitchen" && v["tenant"] != "bistro")
+        .prop_map(Body::NoSuchTenant),
         // A valid body with bytes changed, inserted or cut.
         2 => (valid_body(), vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4)).prop_map(
             |(v, edits)| {
@@ -165,7 +183,7 @@ fn fail(msg: String) -> TestCaseError {
 async fn check_broadcast(t: &Target, case: BroadcastCase) -> Result<(), TestCaseError> {
     let before = t.db.event_count().await;
     let bytes = match &case.body {
-        Body::Valid(v) => serde_json::to_vec(v).unwrap(),
+        Body::Valid(v) | Body::NoSuchTenant(v) => serde_json::to_vec(v).unwrap(),
         Body::Unknown(b) => b.clone(),
     };
     let mut req = t.http.post(t.server.http("/broadcast")).body(bytes);
@@ -209,6 +227,11 @@ async fn check_broadcast(t: &Target, case: BroadcastCase) -> Result<(), TestCase
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("application/json"));
     if !auth_ok && status != 401 {
         return Err(fail(format!("wrong credentials answered {status}")));
+    }
+    if let (Body::NoSuchTenant(_), true, true) = (&case.body, auth_ok, json_ok) {
+        if status != 404 {
+            return Err(fail(format!("an unknown tenant answered {status}")));
+        }
     }
     if let (Body::Valid(sent), true, true) = (&case.body, auth_ok, json_ok) {
         if status != 200 {
