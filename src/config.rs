@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Do not apply migrations at start-up (run `orderpush migrate` separately).
     #[arg(long, env = "ORDERPUSH_NO_MIGRATE")]
     pub no_migrate: bool,
+    /// Failed authentications one client address may make per minute before it is answered
+    /// 429 for a minute; 0 turns the limit off (e.g. behind a proxy that hides client addresses).
+    #[arg(long, env = "ORDERPUSH_AUTH_FAILURE_LIMIT", default_value_t = crate::http::auth::AUTH_FAILURE_LIMIT)]
+    pub auth_failure_limit: u32,
 }
 
 /// `orderpush migrate`.
@@ -288,6 +292,11 @@ pub struct Tuning {
     pub prune_interval: Duration,
     /// How often this instance writes its presence (heartbeat and connections) to the database.
     pub presence_interval: Duration,
+    /// Failed authentications one address may make per minute before it is answered 429
+    /// (0 = no limit); see [`crate::http::auth::AUTH_FAILURE_LIMIT`].
+    pub auth_failure_limit: u32,
+    /// How long an address over that limit is answered 429.
+    pub auth_cooldown: Duration,
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
@@ -315,6 +324,8 @@ impl Default for Tuning {
             revocation_check_interval: REVOCATION_CHECK_INTERVAL,
             prune_interval: PRUNE_INTERVAL,
             presence_interval: crate::presence::FLUSH_INTERVAL,
+            auth_failure_limit: crate::http::auth::AUTH_FAILURE_LIMIT,
+            auth_cooldown: crate::http::auth::AUTH_COOLDOWN,
         }
     }
 }

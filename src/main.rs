@@ -59,7 +59,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 admin_token: args.admin_token,
                 retention: args.retention,
                 migrate: !args.no_migrate,
-                tuning: Tuning::default(),
+                tuning: Tuning {
+                    auth_failure_limit: args.auth_failure_limit,
+                    ..Tuning::default()
+                },
             };
             server::run(listener, config, shutdown).await?;
         }

@@ -25,19 +25,6 @@ async fn two_instances_deliver_one_broadcast_with_the_same_id() {
     assert_eq!(ea["id"], 1);
 }
 
-async fn listener_pids(client: &tokio_postgres::Client, db: &str) -> Vec<i32> {
-    client
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'orderpush-listener'",
-            &[&db],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 #[tokio::test]
 async fn killing_the_listener_loses_nothing() {
     let db = TestDb::create().await;

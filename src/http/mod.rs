@@ -73,13 +73,19 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// All routes.
+/// All routes. The authenticated ones (POS sockets, /broadcast, /admin, /status) sit behind
+/// the failed-authentication limiter; the health and metrics endpoints do not.
 pub fn router(state: AppState) -> Router {
+    let limiter = Arc::new(auth::AuthLimiter::from_tuning(&state.tuning));
     Router::new()
         .merge(ws::router())
         .merge(broadcast::router())
-        .merge(health::router())
         .merge(admin::router())
         .merge(status::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            limiter,
+            auth::limit_failed_auth,
+        ))
+        .merge(health::router())
         .with_state(state)
 }

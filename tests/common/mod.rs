@@ -162,8 +162,24 @@ impl TestServer {
         bind: SocketAddr,
         adjust: impl FnOnce(&mut ServerConfig),
     ) -> Self {
+        Self::start_on_at(db.config.clone(), bind, adjust).await
+    }
+
+    /// A server on any database (e.g. a private cluster's), migrated at start.
+    pub async fn start_on(
+        database: tokio_postgres::Config,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        Self::start_on_at(database, "127.0.0.1:0".parse().unwrap(), adjust).await
+    }
+
+    async fn start_on_at(
+        database: tokio_postgres::Config,
+        bind: SocketAddr,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let mut config = ServerConfig {
-            database: db.config.clone(),
+            database,
             broadcast_token: None,
             admin_token: None,
             retention: Duration::from_secs(86_400),
@@ -360,4 +376,265 @@ pub async fn insert_loyalty(client: &tokio_postgres::Client, tenant: &str, point
         )
         .await
         .unwrap();
+}
+
+/// Inserts an online order and its items in one statement (one round trip, one transaction,
+/// items inserted after the order row). Returns nothing: the event carries the order number.
+pub async fn insert_order_fast(
+    client: &tokio_postgres::Client,
+    tenant: &str,
+    number: &str,
+    items: i32,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "WITH o AS (
+                 INSERT INTO orders (tenant_slug, order_number, customer_name, order_type, order_source, status, total_amount)
+                 VALUES ($1, $2, 'Test', 'delivery', 'online', 'confirmed', 10.00) RETURNING id)
+             INSERT INTO order_items (order_id, menu_item_id, name, quantity, price)
+             SELECT o.id, 'item-' || i, 'Item ' || i, 1, 5.00 FROM o, generate_series(1, $3) AS i",
+            &[&tenant, &number, &items],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The backends of orderpush listeners connected to database `db`.
+pub async fn listener_pids(client: &tokio_postgres::Client, db: &str) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'orderpush-listener'",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Terminates every orderpush listener connected to database `db`; returns how many.
+pub async fn kill_listeners(client: &tokio_postgres::Client, db: &str) -> usize {
+    let pids = listener_pids(client, db).await;
+    for pid in &pids {
+        client
+            .execute("SELECT pg_terminate_backend($1)", &[pid])
+            .await
+            .unwrap();
+    }
+    pids.len()
+}
+
+/// Polls `check` every 20 ms until it holds; panics with `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// GET /readyz's status code (0 when the request failed).
+pub async fn readyz(server: &TestServer) -> u16 {
+    match reqwest::get(server.http("/readyz")).await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// The value of one series in /metrics, e.g.
+/// `orderpush_disconnects_total{reason="slow_consumer"}` (0 when absent).
+pub async fn metric(server: &TestServer, series: &str) -> f64 {
+    let text = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A tenant's whole retained event log as `{id, type, tenant, data}` objects, in id order:
+/// what every client of the tenant must have received, exactly once, in this order.
+pub async fn event_log(client: &tokio_postgres::Client, tenant: &str) -> Vec<Value> {
+    client
+        .query(
+            "SELECT id, type, data::text FROM orderpush.events WHERE tenant_slug = $1 ORDER BY id",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let data: String = r.get(2);
+            serde_json::json!({
+                "id": r.get::<_, i64>(0),
+                "type": r.get::<_, String>(1),
+                "tenant": tenant,
+                "data": serde_json::from_str::<Value>(&data).unwrap(),
+            })
+        })
+        .collect()
+}
+
+/// Asserts that `got` (frames as received) is exactly `log` (from [`event_log`]): every
+/// committed event once, in id order, with the committed content, and nothing else.
+pub fn assert_exactly_the_log(who: &str, got: &[Value], log: &[Value]) {
+    let ids: Vec<i64> = got.iter().map(|e| e["id"].as_i64().unwrap_or(-1)).collect();
+    let want: Vec<i64> = log.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    if ids != want {
+        let first_diff = ids.iter().zip(&want).position(|(a, b)| a != b);
+        panic!(
+            "{who}: received {} events, the log has {}; first difference at index {first_diff:?} \
+             (received around it: {:?})",
+            ids.len(),
+            want.len(),
+            first_diff.map(|i| &ids[i.saturating_sub(3)..(i + 3).min(ids.len())])
+        );
+    }
+    for (g, w) in got.iter().zip(log) {
+        for field in ["type", "tenant", "data"] {
+            assert_eq!(g[field], w[field], "{who}: {field} of event {}", w["id"]);
+        }
+    }
+}
+
+/// A port that was free a moment ago (for processes that must bind it themselves).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Performs the WebSocket upgrade by hand on a plain TCP socket and returns the socket after
+/// the 101, for clients that must misbehave below the WebSocket library (never reading, never
+/// answering pings, sending malformed frames). `rcvbuf` shrinks the socket's receive buffer.
+pub async fn raw_ws_connect(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    rcvbuf: Option<u32>,
+) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         X-API-Key: {key}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Read the response head byte by byte, so no frame byte after it is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut b))
+            .await
+            .expect("upgrade response in time")
+            .unwrap();
+        assert!(n == 1, "connection closed during the upgrade");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    stream
+}
+
+/// A WebSocket client whose socket has a small receive buffer, so that a test can make the
+/// server's per-client queue fill without pushing megabytes through kernel buffers first.
+pub async fn connect_small_buffer(server: &TestServer, path: &str, key: &str, rcvbuf: u32) -> Pos {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let mut req = server.ws(path).into_client_request().unwrap();
+    req.headers_mut().insert("X-API-Key", key.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("websocket connects");
+    Pos { ws }
+}
+
+/// Reads a POS socket on a task of its own, keeping every event frame, so a test can write
+/// for a while and check what arrived afterwards (without the socket's queue overflowing).
+pub struct Collector {
+    events: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    task: JoinHandle<Option<u16>>,
+}
+
+impl Collector {
+    /// Starts reading `pos` until its socket closes.
+    pub fn spawn(mut pos: Pos) -> Self {
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&events);
+        let task = tokio::spawn(async move {
+            loop {
+                match pos.ws.next().await {
+                    Some(Ok(Message::Text(t))) => sink
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_str(&t).expect("frame is JSON")),
+                    Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => return None,
+                }
+            }
+        });
+        Self { events, task }
+    }
+
+    /// Events received so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` events have arrived; panics (saying how many did) otherwise.
+    pub async fn wait_for(&self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let have = self.events.lock().unwrap().len();
+            if have >= n {
+                return;
+            }
+            assert!(
+                !self.task.is_finished(),
+                "the socket closed after {have} of {n} events"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {have} of {n} events arrived within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// True while the socket is open.
+    pub fn is_open(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Stops reading and returns everything received.
+    pub fn stop(self) -> Vec<Value> {
+        self.task.abort();
+        self.events()
+    }
 }

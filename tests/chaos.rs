@@ -1,0 +1,247 @@
+//! Everything at once, for a bounded time: writers on several tenants, two instances, the
+//! listener killed again and again, clients reconnecting, one client slow. Afterwards every
+//! client that stayed or resumed must have every committed event of its tenant exactly once,
+//! in id order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::protocol::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+
+/// How long the faults run. Bounded so the test stays well under a minute on a loaded machine.
+const CHAOS_FOR: Duration = Duration::from_secs(25);
+/// Listener kills, spread over the run.
+const KILL_EVERY: Duration = Duration::from_millis(2500);
+/// The slow client stalls this long between bursts of reading: long enough to overflow its
+/// queue, shorter than the server's 5 s close timeout so it still reads the 1013.
+const STALL: Duration = Duration::from_millis(2500);
+/// Per-client queue on both instances: small, so the slow client overflows quickly.
+const QUEUE_BYTES: usize = 256 * 1024;
+const TENANTS: [&str; 3] = ["t1", "t2", "t3"];
+
+/// What a client does between reconnects.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Reads all the time and stays on its instance; it reconnects only when cut off (a
+    /// listener's catch-up after a long outage can be a burst larger than its queue).
+    Steady,
+    /// Drops its connection every second or so and resumes on the other instance.
+    Hopper,
+    /// Stops reading for a while, then reads; resumes whenever it is cut off.
+    Slow,
+}
+
+/// One resuming client: returns everything it received and how many 1013 closes it got.
+async fn resuming_client(
+    servers: Arc<Vec<TestServer>>,
+    tenant: &'static str,
+    key: String,
+    behaviour: Behaviour,
+    first_server: usize,
+    stop: CancellationToken,
+) -> (Vec<Value>, usize) {
+    let mut got: Vec<Value> = Vec::new();
+    let mut cut_off = 0;
+    let mut round = 0usize;
+    while !stop.is_cancelled() {
+        let server = match behaviour {
+            Behaviour::Steady => &servers[first_server],
+            _ => &servers[(first_server + round) % servers.len()],
+        };
+        round += 1;
+        let since = got.last().map_or(0, |e| e["id"].as_i64().unwrap());
+        let path = format!("/ws/pos/{tenant}?since={since}");
+        let mut pos = match behaviour {
+            Behaviour::Steady | Behaviour::Hopper => {
+                Pos::connect(server, tenant, &key, Some(since)).await
+            }
+            Behaviour::Slow => connect_small_buffer(server, &path, &key, 4096).await,
+        };
+        let (stall, read_for) = match behaviour {
+            Behaviour::Steady => (Duration::ZERO, CHAOS_FOR * 4),
+            Behaviour::Hopper => (
+                Duration::ZERO,
+                Duration::from_millis(700 + 150 * (round as u64 % 5)),
+            ),
+            Behaviour::Slow => (STALL, Duration::from_millis(1500)),
+        };
+        tokio::time::sleep(stall).await;
+        let until = tokio::time::Instant::now() + read_for;
+        loop {
+            let next = tokio::select! {
+                n = tokio::time::timeout_at(until, pos.ws.next()) => n,
+                _ = stop.cancelled() => break,
+            };
+            match next {
+                Err(_) => break, // done with this connection: drop it
+                Ok(Some(Ok(Message::Text(t)))) => got.push(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Close(c)))) => {
+                    let code = c.map(|c| u16::from(c.code));
+                    assert_eq!(code, Some(1013), "{tenant}: unexpected close");
+                    cut_off += 1;
+                    break;
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(None) | Ok(Some(Err(_))) => break,
+            }
+        }
+    }
+    (got, cut_off)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order() {
+    let db = TestDb::create().await;
+    let mut keys = Vec::new();
+    for t in TENANTS {
+        db.tenant(t).await;
+        keys.push(db.key(t).await);
+    }
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers
+            .push(TestServer::start_with(&db, |c| c.tuning.client_queue_bytes = QUEUE_BYTES).await);
+    }
+    let servers = Arc::new(servers);
+    let stop = CancellationToken::new();
+
+    // Clients: per tenant one steady reader on each instance and one that hops between them;
+    // one slow reader on t1. All start from the beginning of the log.
+    let mut clients = Vec::new();
+    for (t, key) in TENANTS.iter().zip(&keys) {
+        for (who, behaviour, first) in [
+            ("steady on A", Behaviour::Steady, 0),
+            ("steady on B", Behaviour::Steady, 1),
+            ("hopper", Behaviour::Hopper, 0),
+        ] {
+            let task = resuming_client(
+                Arc::clone(&servers),
+                t,
+                key.clone(),
+                behaviour,
+                first,
+                stop.clone(),
+            );
+            clients.push((*t, who, tokio::spawn(task)));
+        }
+    }
+    clients.push((
+        "t1",
+        "slow",
+        tokio::spawn(resuming_client(
+            Arc::clone(&servers),
+            "t1",
+            keys[0].clone(),
+            Behaviour::Slow,
+            0,
+            stop.clone(),
+        )),
+    ));
+
+    // Writers: database writes on every tenant, broadcasts through both instances, and large
+    // broadcasts on t1 (what makes the slow client overflow).
+    let mut writers = Vec::new();
+    for (n, t) in TENANTS.iter().enumerate() {
+        let client = db.client().await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                i += 1;
+                match i % 3 {
+                    0 => insert_loyalty(&client, t, i).await,
+                    1 => insert_order_fast(&client, t, &format!("{t}-{i}"), 1 + i % 3).await.unwrap(),
+                    _ => {
+                        client
+                            .execute(
+                                "UPDATE orders SET status = CASE status WHEN 'ready' THEN 'preparing' ELSE 'ready' END
+                                 WHERE id = (SELECT id FROM orders WHERE tenant_slug = $1 ORDER BY created_at DESC LIMIT 1)",
+                                &[t],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5 + 3 * n as u64)).await;
+            }
+        }));
+    }
+    for (n, pad) in [(0usize, 16usize), (1, 100 * 1024)] {
+        let servers = Arc::clone(&servers);
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let pad = "p".repeat(pad);
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
+                i += 1;
+                let tenant = if n == 1 { "t1" } else { TENANTS[i % TENANTS.len()] };
+                let (status, _) = servers[i % 2]
+                    .broadcast(&json!({"tenant": tenant, "event": {"type": "chaos", "data": {"i": i, "pad": pad}}}))
+                    .await;
+                assert_eq!(status, 200);
+                tokio::time::sleep(Duration::from_millis(if n == 1 { 80 } else { 20 })).await;
+            }
+        }));
+    }
+
+    // Faults: the listeners of both instances killed again and again.
+    let admin = admin().await;
+    let started = tokio::time::Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < CHAOS_FOR {
+        tokio::time::sleep(KILL_EVERY).await;
+        kills += kill_listeners(&admin, &db.name).await;
+    }
+    stop.cancel();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(kills >= 4, "listeners were killed ({kills})");
+
+    // Verdict, per tenant, from the log.
+    let client = db.client().await;
+    let mut logs = std::collections::HashMap::new();
+    for t in TENANTS {
+        let log = event_log(&client, t).await;
+        assert!(log.len() > 100, "{t}: the writers wrote ({})", log.len());
+        logs.insert(t, log);
+    }
+    for (t, who, task) in clients {
+        let (mut got, cut_off) = task.await.unwrap();
+        if who == "slow" {
+            assert!(cut_off >= 1, "the slow client was never cut off with 1013");
+        }
+        // A last resume picks up what was written after it stopped reading (resuming again if
+        // a listener's catch-up burst overflows its queue meanwhile).
+        let key = &keys[TENANTS.iter().position(|x| *x == t).unwrap()];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while got.len() < logs[t].len() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{t} {who}: catch-up stalled"
+            );
+            let since = got.last().map_or(0, |e| e["id"].as_i64().unwrap());
+            let mut pos = Pos::connect(&servers[0], t, key, Some(since)).await;
+            while got.len() < logs[t].len() {
+                match tokio::time::timeout(WAIT, pos.ws.next())
+                    .await
+                    .expect("catch-up progresses")
+                {
+                    Some(Ok(Message::Text(text))) => got.push(serde_json::from_str(&text).unwrap()),
+                    Some(Ok(Message::Close(c))) => {
+                        assert_eq!(c.map(|c| u16::from(c.code)), Some(1013), "{t} {who}");
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => break,
+                }
+            }
+        }
+        assert_exactly_the_log(&format!("{t} {who}"), &got, &logs[t]);
+    }
+}
