@@ -6,6 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
@@ -19,6 +20,8 @@ pub struct Frame {
     pub id: i64,
     /// The JSON text.
     pub text: Utf8Bytes,
+    /// When the event was written: resumes from memory honour the retention as the log does.
+    pub emitted_at: SystemTime,
 }
 
 /// Why the hub (or the revocation check) ended a subscription.
@@ -142,20 +145,32 @@ impl Tenant {
         }
     }
 
-    fn replay_after(&self, since: Option<i64>) -> Replay {
+    /// `retained_since`: events written before it count as pruned, as in the event log.
+    fn replay_after(&self, since: Option<i64>, retained_since: Option<SystemTime>) -> Replay {
         let Some(since) = since else {
             return Replay::Frames(Vec::new());
         };
         match self.last_id {
             Some(last) if since == last => Replay::Frames(Vec::new()),
             Some(last) if since < last => match self.recent.front() {
-                Some(first) if first.id <= since + 1 => Replay::Frames(
-                    self.recent
+                Some(first) if first.id <= since + 1 => {
+                    let frames: Vec<Frame> = self
+                        .recent
                         .iter()
                         .filter(|f| f.id > since)
                         .cloned()
-                        .collect(),
-                ),
+                        .collect();
+                    // Past the retention the log would answer resync_required: let it.
+                    let expired = frames
+                        .first()
+                        .zip(retained_since)
+                        .is_some_and(|(f, cutoff)| f.emitted_at < cutoff);
+                    if expired {
+                        Replay::Database
+                    } else {
+                        Replay::Frames(frames)
+                    }
+                }
                 _ => Replay::Database,
             },
             // Ahead of what this instance has published (or unknown): the database decides
@@ -194,6 +209,7 @@ pub struct Hub {
     next_client: AtomicU64,
     queue_bytes: usize,
     queue_frames: usize,
+    retention: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -245,13 +261,20 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    /// A hub whose sockets may each queue `queue_bytes` / `queue_frames` before being dropped.
-    pub fn new(queue_bytes: usize, queue_frames: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A hub whose sockets may each queue `queue_bytes` / `queue_frames` before being dropped,
+    /// and whose resume history honours `retention`.
+    pub fn new(
+        queue_bytes: usize,
+        queue_frames: usize,
+        retention: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             tenants: Mutex::default(),
             next_client: AtomicU64::new(1),
             queue_bytes,
             queue_frames: queue_frames.max(1),
+            retention,
             metrics,
         })
     }
@@ -275,7 +298,7 @@ impl Hub {
             let mut map = lock(&self.tenants);
             let mut t = lock(map.entry(Arc::clone(tenant)).or_default());
             t.clients.insert(client, entry);
-            t.replay_after(since)
+            t.replay_after(since, SystemTime::now().checked_sub(self.retention))
         };
         let sub = Subscription {
             mailbox,
@@ -403,8 +426,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    const DAY: Duration = Duration::from_secs(86_400);
+
     fn frame(id: i64, text: &str) -> Frame {
         Frame {
+            emitted_at: SystemTime::now(),
             id,
             text: Utf8Bytes::from(text.to_owned()),
         }
@@ -419,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_kicks_only_that_socket() {
-        let hub = Hub::new(10, 100, Arc::default());
+        let hub = Hub::new(10, 100, DAY, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
         let (fast, _) = hub.subscribe(&tenant, "k1", None);
         let (slow, _) = hub.subscribe(&tenant, "k2", None);
@@ -440,7 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_a_subscription_unregisters_it() {
-        let hub = Hub::new(1024, 16, Arc::default());
+        let hub = Hub::new(1024, 16, DAY, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
         let (sub, _) = hub.subscribe(&tenant, "k1", None);
         assert_eq!(hub.connected_key_ids(), vec!["k1".to_string()]);
@@ -452,7 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn revoked_keys_are_kicked() {
-        let hub = Hub::new(1024, 16, Arc::default());
+        let hub = Hub::new(1024, 16, DAY, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
         let (a, _) = hub.subscribe(&tenant, "k1", None);
         let (b, _) = hub.subscribe(&tenant, "k2", None);
@@ -463,7 +489,7 @@ mod tests {
 
     #[test]
     fn resumes_come_from_memory_while_history_reaches_back() {
-        let hub = Hub::new(1 << 20, 1024, Arc::default());
+        let hub = Hub::new(1 << 20, 1024, DAY, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
         hub.reset("kitchen", 10, vec![frame(9, "a"), frame(10, "b")]);
         for id in 11..=12 {
@@ -496,8 +522,25 @@ mod tests {
     }
 
     #[test]
+    fn memory_never_serves_what_retention_has_expired() {
+        let hub = Hub::new(1 << 20, 1024, Duration::from_secs(60), Arc::default());
+        let tenant: Arc<str> = Arc::from("kitchen");
+        let old = Frame {
+            emitted_at: SystemTime::now() - Duration::from_secs(120),
+            ..frame(1, "a")
+        };
+        hub.reset("kitchen", 2, vec![old, frame(2, "b")]);
+        assert_eq!(
+            ids(hub.subscribe(&tenant, "k", Some(0)).1),
+            None,
+            "id 1 is past retention"
+        );
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(1)).1), Some(vec![2]));
+    }
+
+    #[test]
     fn history_is_bounded() {
-        let hub = Hub::new(1 << 20, 1024, Arc::default());
+        let hub = Hub::new(1 << 20, 1024, DAY, Arc::default());
         let tenant: Arc<str> = Arc::from("kitchen");
         hub.reset("kitchen", 0, vec![]);
         let last = (RECENT_FRAMES + 10) as i64;

@@ -195,12 +195,15 @@ impl Listener {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let started = Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = self.follow(&shutdown) => r,
             };
-            self.health.connected.store(false, Ordering::Release);
+            // A connection that got as far as following worked: the next attempt starts from
+            // the shortest delay. Only consecutive failures to get there back off further.
+            if self.health.connected.swap(false, Ordering::AcqRel) {
+                backoff = BACKOFF_MIN;
+            }
             self.metrics.listener_up.store(0, Ordering::Relaxed);
             match result {
                 Ok(()) => return, // shutdown
@@ -212,12 +215,7 @@ impl Listener {
                 _ = shutdown.cancelled() => return,
                 _ = sleep(backoff) => {}
             }
-            // A connection that lived a while earns a fresh, short backoff.
-            backoff = if started.elapsed() > BACKOFF_MAX * 2 {
-                BACKOFF_MIN
-            } else {
-                (backoff * 2).min(BACKOFF_MAX)
-            };
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -343,6 +341,7 @@ impl Listener {
                 .unwrap_or_default(),
         );
         let frame = Frame {
+            emitted_at: event.emitted_at,
             id: event.id,
             text: event.to_frame().into(),
         };

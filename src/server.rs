@@ -92,6 +92,7 @@ pub async fn run(
     let hub = Hub::new(
         config.tuning.client_queue_bytes,
         config.tuning.client_queue_frames,
+        config.retention,
         Arc::clone(&metrics),
     );
     let listener_health = Arc::new(ListenerHealth::default());
@@ -108,6 +109,7 @@ pub async fn run(
         let mut by_tenant: HashMap<String, Vec<Frame>> = HashMap::new();
         for e in recent {
             let frame = Frame {
+                emitted_at: e.emitted_at,
                 id: e.id,
                 text: e.to_frame().into(),
             };
