@@ -18,8 +18,9 @@ const CHAOS_FOR: Duration = Duration::from_secs(25);
 /// Listener kills, spread over the run.
 const KILL_EVERY: Duration = Duration::from_millis(2500);
 /// The slow client stalls this long between bursts of reading: long enough to overflow its
-/// queue, shorter than the server's 5 s close timeout so it still reads the 1013.
-const STALL: Duration = Duration::from_millis(2500);
+/// queue by its own slowness (listener outages are short, so catch-up bursts cannot be relied
+/// on), shorter than the server's 5 s close timeout so it still reads the 1013.
+const STALL: Duration = Duration::from_millis(4000);
 /// Per-client queue on both instances: small, so the slow client overflows quickly.
 const QUEUE_BYTES: usize = 256 * 1024;
 const TENANTS: [&str; 3] = ["t1", "t2", "t3"];
@@ -68,7 +69,7 @@ async fn resuming_client(
                 Duration::ZERO,
                 Duration::from_millis(700 + 150 * (round as u64 % 5)),
             ),
-            Behaviour::Slow => (STALL, Duration::from_millis(1500)),
+            Behaviour::Slow => (STALL, Duration::from_millis(3000)),
         };
         tokio::time::sleep(stall).await;
         let until = tokio::time::Instant::now() + read_for;
