@@ -16,10 +16,12 @@ INSERT INTO orderpush.new_order_sources (order_source) VALUES ('online');
 -- `UPDATE ... SET seq = seq + 1` at commit time is what makes ids gap-free and equal to commit
 -- order within a tenant (a writer cannot take N+1 before the holder of N has committed).
 -- The listener also reads this table to learn which tenants moved.
+-- fillfactor 10: every commit updates one of these rows; free space on each page keeps those
+-- updates HOT (no index churn) and spreads tenants over pages so writers do not contend for one.
 CREATE TABLE orderpush.tenant_seq (
     tenant_slug text PRIMARY KEY REFERENCES public.tenants (slug) ON DELETE CASCADE,
     seq         bigint NOT NULL CHECK (seq >= 0)
-);
+) WITH (fillfactor = 10);
 
 -- The event log: every event, from a trigger or from POST /broadcast, is one row here.
 -- `data` is `json`, not `jsonb`, so key order and numbers reach the POS exactly as built/sent.
@@ -58,24 +60,26 @@ $$;
 -- fold into one per transaction, and a payload can never grow past NOTIFY's 8000-byte limit
 -- (which would fail the application's own INSERT). The table stays the truth; this is a hint.
 -- Mode per database, without a code change: ALTER DATABASE db SET orderpush.wakeup = '...';
---   notify (default): every emitting transaction notifies;
---   gated: only a transaction that wins a try-lock notifies, so concurrent writers do not queue
---          on the cluster-wide notify lock at commit; the listener re-reads shortly after each
---          wake-up and polls, so skipped wake-ups only add a few milliseconds;
+--   gated (default): only a transaction that wins a try-lock notifies, so concurrent writers do
+--          not queue on the cluster-wide notify lock at commit; the listener keeps re-reading
+--          every few milliseconds while events keep coming, and polls, so a skipped wake-up
+--          costs a few milliseconds at most;
+--   notify: every emitting transaction notifies (lowest latency, worst under concurrency);
 --   poll:  no NOTIFY at all; the listener polls the table on a short interval.
+-- (Kept as a function for callers of V2's API; emit() inlines the same logic.)
 CREATE FUNCTION orderpush.wake() RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    CASE coalesce(current_setting('orderpush.wakeup', true), '')
+    CASE current_setting('orderpush.wakeup', true)
         WHEN 'poll' THEN
             NULL;
-        WHEN 'gated' THEN
+        WHEN 'notify' THEN
+            PERFORM pg_notify('orderpush', '');
+        ELSE
             -- 0x6f70 = 'op': an arbitrary key, private to orderpush.
             IF pg_try_advisory_xact_lock(28528, 1) THEN
                 PERFORM pg_notify('orderpush', '');
             END IF;
-        ELSE
-            PERFORM pg_notify('orderpush', '');
     END CASE;
 END
 $$;
@@ -90,15 +94,32 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
 BEGIN
-    UPDATE orderpush.tenant_seq SET seq = seq + 1 WHERE tenant_slug = p_tenant RETURNING seq INTO v_id;
-    IF NOT FOUND THEN
+    -- One statement for the common case (the tenant has a counter row): this runs in every
+    -- emitting commit, so each saved statement is write throughput.
+    WITH s AS (
+        UPDATE orderpush.tenant_seq SET seq = seq + 1 WHERE tenant_slug = p_tenant RETURNING seq)
+    INSERT INTO orderpush.events (tenant_slug, id, type, ts, data, origin)
+    SELECT p_tenant, s.seq, p_type, coalesce(p_ts, orderpush.iso(clock_timestamp())), p_data, p_origin
+    FROM s
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
         INSERT INTO orderpush.tenant_seq AS s (tenant_slug, seq) VALUES (p_tenant, 1)
         ON CONFLICT (tenant_slug) DO UPDATE SET seq = s.seq + 1
         RETURNING s.seq INTO v_id;
+        INSERT INTO orderpush.events (tenant_slug, id, type, ts, data, origin)
+        VALUES (p_tenant, v_id, p_type, coalesce(p_ts, orderpush.iso(clock_timestamp())), p_data, p_origin);
     END IF;
-    INSERT INTO orderpush.events (tenant_slug, id, type, ts, data, origin)
-    VALUES (p_tenant, v_id, p_type, coalesce(p_ts, orderpush.iso(clock_timestamp())), p_data, p_origin);
-    PERFORM orderpush.wake();
+    -- orderpush.wake(), inlined.
+    CASE current_setting('orderpush.wakeup', true)
+        WHEN 'poll' THEN
+            NULL;
+        WHEN 'notify' THEN
+            PERFORM pg_notify('orderpush', '');
+        ELSE
+            IF pg_try_advisory_xact_lock(28528, 1) THEN
+                PERFORM pg_notify('orderpush', '');
+            END IF;
+    END CASE;
     RETURN v_id;
 END
 $$;
@@ -128,15 +149,16 @@ $$;
 -- same transaction, are visible. The order is re-read because the row may have changed since.
 CREATE FUNCTION orderpush.on_order_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    o public.orders%ROWTYPE;
 BEGIN
-    SELECT * INTO o FROM public.orders WHERE id = NEW.id;
-    IF NOT FOUND
-       OR NOT EXISTS (SELECT 1 FROM orderpush.new_order_sources s WHERE s.order_source = o.order_source)
-       OR orderpush.suppressed(o.tenant_slug) THEN
+    IF current_setting('orderpush.suppress', true) IN ('on', 'true', '1') THEN
+        -- A quiet bulk job: an order that would have emitted makes its tenant resync (once).
+        PERFORM orderpush.suppressed(o.tenant_slug)
+        FROM public.orders o
+        WHERE o.id = NEW.id
+          AND EXISTS (SELECT 1 FROM orderpush.new_order_sources s WHERE s.order_source = o.order_source);
         RETURN NULL;
     END IF;
+    -- One statement: re-read the order, check its source, build the event with its items, emit.
     PERFORM orderpush.emit(o.tenant_slug, 'new_order', json_build_object(
         'orderId', o.id,
         'orderNumber', o.order_number,
@@ -157,7 +179,10 @@ BEGIN
             FROM public.order_items i WHERE i.order_id = o.id), '[]'::json),
         'specialInstructions', o.special_instructions,
         'scheduledFor', orderpush.iso(o.scheduled_for),
-        'createdAt', orderpush.iso(o.created_at)));
+        'createdAt', orderpush.iso(o.created_at)))
+    FROM public.orders o
+    WHERE o.id = NEW.id
+      AND EXISTS (SELECT 1 FROM orderpush.new_order_sources s WHERE s.order_source = o.order_source);
     RETURN NULL;
 END
 $$;
@@ -167,7 +192,8 @@ $$;
 CREATE FUNCTION orderpush.on_order_status_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF orderpush.suppressed(NEW.tenant_slug) THEN
+    IF current_setting('orderpush.suppress', true) IN ('on', 'true', '1')
+       AND orderpush.suppressed(NEW.tenant_slug) THEN
         RETURN NULL;
     END IF;
     PERFORM orderpush.emit(NEW.tenant_slug, 'order_updated', json_build_object(
@@ -185,7 +211,8 @@ $$;
 CREATE FUNCTION orderpush.on_gift_card_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF orderpush.suppressed(NEW.tenant_slug) THEN
+    IF current_setting('orderpush.suppress', true) IN ('on', 'true', '1')
+       AND orderpush.suppressed(NEW.tenant_slug) THEN
         RETURN NULL;
     END IF;
     PERFORM orderpush.emit(NEW.tenant_slug, 'gift_card_purchased', json_build_object(
@@ -204,7 +231,8 @@ $$;
 CREATE FUNCTION orderpush.on_loyalty_transaction_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF orderpush.suppressed(NEW.tenant_slug) THEN
+    IF current_setting('orderpush.suppress', true) IN ('on', 'true', '1')
+       AND orderpush.suppressed(NEW.tenant_slug) THEN
         RETURN NULL;
     END IF;
     PERFORM orderpush.emit(NEW.tenant_slug, 'loyalty_updated', json_build_object(

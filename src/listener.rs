@@ -40,8 +40,9 @@ const POLL_GATED: Duration = Duration::from_millis(100);
 /// Poll in `poll` mode (no NOTIFY at all): the delivery latency a DBA accepts for it.
 const POLL_POLL: Duration = Duration::from_millis(10);
 /// In `gated` mode, a second read this long after each wake-up picks up the concurrent commits
-/// that skipped their own NOTIFY (they commit within a WAL flush of the one that notified).
-const FOLLOW_UP: Duration = Duration::from_millis(5);
+/// that skipped their own NOTIFY (they commit within a WAL flush of the one that notified); the
+/// reads continue at this pace while they keep finding events.
+const FOLLOW_UP: Duration = Duration::from_millis(3);
 /// /readyz turns 503 when the listener has not completed a read for this long (contract: 10 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
 /// At most one "no POS connected" warning per tenant per this interval.
@@ -61,9 +62,10 @@ pub enum WakeupMode {
 impl WakeupMode {
     fn parse(s: Option<&str>) -> Self {
         match s {
-            Some("gated") => WakeupMode::Gated,
+            Some("notify") => WakeupMode::Notify,
             Some("poll") => WakeupMode::Poll,
-            _ => WakeupMode::Notify,
+            // The default, as in orderpush.wake(): gated.
+            _ => WakeupMode::Gated,
         }
     }
 
@@ -271,17 +273,22 @@ impl Listener {
                     }
                 }
                 _ = async { sleep_until_opt(follow_up).await }, if follow_up.is_some() => {
-                    follow_up = None;
+                    // While writes keep coming, keep following up: in a burst, commits that
+                    // skipped their wake-up are then picked up within FOLLOW_UP, not POLL_GATED.
+                    let found = self.scan(&client).await?;
+                    follow_up = (found > 0).then(|| tokio::time::Instant::now() + FOLLOW_UP);
+                }
+                _ = poll.tick() => {
                     self.scan(&client).await?;
                 }
-                _ = poll.tick() => self.scan(&client).await?,
             }
         }
     }
 
     /// Reads everything committed since the cursors and publishes it, tenant by tenant, in id
-    /// order, until caught up.
-    async fn scan(&mut self, client: &tokio_postgres::Client) -> Result<(), DbError> {
+    /// order, until caught up. Returns how many events it delivered.
+    async fn scan(&mut self, client: &tokio_postgres::Client) -> Result<usize, DbError> {
+        let mut delivered = 0;
         loop {
             let heads = with_timeout(events::heads(client)).await?;
             let mut ranges = Vec::new();
@@ -300,18 +307,20 @@ impl Listener {
                         tenant,
                         head, cursor, "tenant's event counter went backwards; following it"
                     );
+                    self.hub.reset(&tenant, head, Vec::new());
                     self.cursors.insert(Arc::from(tenant), head);
                 }
             }
             if ranges.is_empty() {
                 self.health.read_completed();
-                return Ok(());
+                return Ok(delivered);
             }
             let rows = with_timeout(events::read_ranges(client, &ranges, SCAN_LIMIT)).await?;
             let truncated = rows.len() as i64 >= SCAN_LIMIT;
             self.metrics
                 .listener_rows
                 .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            delivered += rows.len();
             for event in rows {
                 self.deliver(event);
             }
@@ -321,7 +330,7 @@ impl Listener {
                     self.cursors.insert(tenant, head);
                 }
                 self.health.read_completed();
-                return Ok(());
+                return Ok(delivered);
             }
         }
     }
