@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  app write ──► trigger (migrations/) ──► orderpush.events row + pg_notify wake-up
-//!  POST /broadcast (http::broadcast) ──► db::events::broadcast ──┘
+//!  POST /broadcast (http::broadcast) ──► db::events::append_broadcasts ┘
 //!                                             │
 //!                 listener  ◄─────────────────┘  reads new rows per tenant (the table is the truth)
 //!                    │

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{GenericClient, Row, Statement};
 
 use super::DbError;
 use crate::event::{Event, Origin};
@@ -82,11 +82,11 @@ pub async fn append_broadcasts(
 
 /// Every tenant's latest id (`orderpush.tenant_seq`): which tenants have moved.
 pub async fn heads(client: &impl GenericClient) -> Result<Vec<(String, i64)>, DbError> {
-    let rows = client
-        .query("SELECT tenant_slug, seq FROM orderpush.tenant_seq", &[])
-        .await?;
+    let rows = client.query(HEADS_SQL, &[]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
+
+const HEADS_SQL: &str = "SELECT tenant_slug, seq FROM orderpush.tenant_seq";
 
 /// A tenant's latest id (0 when it never had an event).
 pub async fn head(client: &impl GenericClient, tenant: &str) -> Result<i64, DbError> {
@@ -99,36 +99,63 @@ pub async fn head(client: &impl GenericClient, tenant: &str) -> Result<i64, DbEr
     Ok(row.map_or(0, |r| r.get(0)))
 }
 
-/// For each `(tenant, after, upto)`, the events with `after < id <= upto`, ordered by tenant
-/// then id, at most `limit` rows in all. `upto` comes from [`heads`]: every id up to a committed
-/// head is committed too, so the rows returned per tenant are contiguous.
-pub async fn read_ranges(
-    client: &impl GenericClient,
-    ranges: &[(Arc<str>, i64, i64)],
-    limit: i64,
-) -> Result<Vec<Event>, DbError> {
-    let tenants: Vec<&str> = ranges.iter().map(|r| &*r.0).collect();
-    let afters: Vec<i64> = ranges.iter().map(|r| r.1).collect();
-    let uptos: Vec<i64> = ranges.iter().map(|r| r.2).collect();
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS}
-         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS c(tenant, after, upto)
-         JOIN orderpush.events e ON e.tenant_slug = c.tenant AND e.id > c.after AND e.id <= c.upto
-         ORDER BY e.tenant_slug, e.id LIMIT $4"
-    );
-    let rows = client
-        .query(&sql, &[&tenants, &afters, &uptos, &limit])
-        .await?;
-    let mut out: Vec<Event> = Vec::with_capacity(rows.len());
-    for row in &rows {
-        // Share the tenant string among a tenant's consecutive rows.
-        let same = out
-            .last()
-            .filter(|e| *e.tenant == *row.get::<_, &str>(0))
-            .map(|e| Arc::clone(&e.tenant));
-        out.push(event_from_row(row, same.as_ref()));
+/// The listener's two queries, prepared once per connection: under load they run hundreds of
+/// times a second, and parsing and planning them each time cost the database more than running
+/// them.
+pub struct FollowQueries {
+    heads: Statement,
+    ranges: Statement,
+}
+
+impl FollowQueries {
+    /// Prepares both statements on the listener's connection.
+    pub async fn prepare(client: &impl GenericClient) -> Result<Self, DbError> {
+        let ranges = format!(
+            "SELECT {EVENT_COLUMNS}
+             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS c(tenant, after, upto)
+             JOIN orderpush.events e
+               ON e.tenant_slug = c.tenant AND e.id > c.after AND e.id <= c.upto
+             ORDER BY e.tenant_slug, e.id LIMIT $4"
+        );
+        Ok(Self {
+            heads: client.prepare(HEADS_SQL).await?,
+            ranges: client.prepare(&ranges).await?,
+        })
     }
-    Ok(out)
+
+    /// Every tenant's latest id, as [`heads`].
+    pub async fn heads(&self, client: &impl GenericClient) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = client.query(&self.heads, &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// For each `(tenant, after, upto)`, the events with `after < id <= upto`, ordered by
+    /// tenant then id, at most `limit` rows in all. `upto` comes from [`FollowQueries::heads`]:
+    /// every id up to a committed head is committed too, so the rows returned per tenant are
+    /// contiguous.
+    pub async fn read_ranges(
+        &self,
+        client: &impl GenericClient,
+        ranges: &[(Arc<str>, i64, i64)],
+        limit: i64,
+    ) -> Result<Vec<Event>, DbError> {
+        let tenants: Vec<&str> = ranges.iter().map(|r| &*r.0).collect();
+        let afters: Vec<i64> = ranges.iter().map(|r| r.1).collect();
+        let uptos: Vec<i64> = ranges.iter().map(|r| r.2).collect();
+        let rows = client
+            .query(&self.ranges, &[&tenants, &afters, &uptos, &limit])
+            .await?;
+        let mut out: Vec<Event> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // Share the tenant string among a tenant's consecutive rows.
+            let same = out
+                .last()
+                .filter(|e| *e.tenant == *row.get::<_, &str>(0))
+                .map(|e| Arc::clone(&e.tenant));
+            out.push(event_from_row(row, same.as_ref()));
+        }
+        Ok(out)
+    }
 }
 
 /// Each tenant's newest events (at most `per_tenant`, emitted within `window`), ordered by
