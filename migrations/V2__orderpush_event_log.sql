@@ -56,34 +56,6 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
 $$;
 
--- Wakes the listeners. The payload is constant and small on purpose: identical notifications
--- fold into one per transaction, and a payload can never grow past NOTIFY's 8000-byte limit
--- (which would fail the application's own INSERT). The table stays the truth; this is a hint.
--- Mode per database, without a code change: ALTER DATABASE db SET orderpush.wakeup = '...';
---   gated (default): only a transaction that wins a try-lock notifies, so concurrent writers do
---          not queue on the cluster-wide notify lock at commit; the listener keeps re-reading
---          every few milliseconds while events keep coming, and polls, so a skipped wake-up
---          costs a few milliseconds at most;
---   notify: every emitting transaction notifies (lowest latency, worst under concurrency);
---   poll:  no NOTIFY at all; the listener polls the table on a short interval.
--- (Kept as a function for callers of V2's API; emit() inlines the same logic.)
-CREATE FUNCTION orderpush.wake() RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    CASE current_setting('orderpush.wakeup', true)
-        WHEN 'poll' THEN
-            NULL;
-        WHEN 'notify' THEN
-            PERFORM pg_notify('orderpush', '');
-        ELSE
-            -- 0x6f70 = 'op': an arbitrary key, private to orderpush.
-            IF pg_try_advisory_xact_lock(28528, 1) THEN
-                PERFORM pg_notify('orderpush', '');
-            END IF;
-    END CASE;
-END
-$$;
-
 -- Appends one event for a tenant and returns its id. Called by the deferred triggers below (so at
 -- commit time) and by POST /broadcast. Ids come from the tenant's counter row, whose lock is held
 -- to the end of the transaction: per tenant, ids are gap-free and in commit order.
@@ -109,7 +81,15 @@ BEGIN
         INSERT INTO orderpush.events (tenant_slug, id, type, ts, data, origin)
         VALUES (p_tenant, v_id, p_type, coalesce(p_ts, orderpush.iso(clock_timestamp())), p_data, p_origin);
     END IF;
-    -- orderpush.wake(), inlined.
+    -- Wake the listeners. The payload is constant and small on purpose: identical notifications
+    -- fold into one per transaction, and a payload can never grow past NOTIFY's 8000-byte limit
+    -- (which would fail the application's own INSERT). The table stays the truth; this is a
+    -- hint. Mode per database, without a code change (docs/dba.md):
+    --   ALTER DATABASE db SET orderpush.wakeup = 'gated' | 'notify' | 'poll';
+    --   gated (default): only the transaction that wins the try-lock notifies, so concurrent
+    --     writers do not queue on the cluster-wide notify lock at commit; the listener keeps
+    --     re-reading every few milliseconds while events keep coming, and polls;
+    --   notify: every emitting transaction notifies; poll: nobody does, the listener polls.
     CASE current_setting('orderpush.wakeup', true)
         WHEN 'poll' THEN
             NULL;

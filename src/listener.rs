@@ -51,6 +51,14 @@ const PACE_QUIET: Duration = Duration::from_millis(1);
 /// at 1,000 orders/s while adding at most 2 ms to delivery (measured: p99 11 ms at 5 ms pacing,
 /// the counter table's churn, not the read count, dominates the listener's database CPU).
 const PACE_BUSY: Duration = Duration::from_millis(2);
+/// How often the listener re-reads the database's `orderpush.wakeup`: a DBA's change takes
+/// effect within seconds, for one tiny catalog query.
+const MODE_RECHECK: Duration = Duration::from_secs(5);
+/// The database-level `orderpush.wakeup` (what new sessions get), or NULL when unset.
+const MODE_SQL: &str = "SELECT (SELECT substr(c, length('orderpush.wakeup=') + 1)
+       FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+       WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+         AND s.setrole = 0 AND c LIKE 'orderpush.wakeup=%')";
 /// /readyz turns 503 when the listener has not completed a read for this long (contract: 10 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
 /// At most one "no POS connected" warning per tenant per this interval.
@@ -72,7 +80,7 @@ impl WakeupMode {
         match s {
             Some("notify") => WakeupMode::Notify,
             Some("poll") => WakeupMode::Poll,
-            // The default, as in orderpush.wake(): gated.
+            // The default, as in orderpush.emit(): gated.
             _ => WakeupMode::Gated,
         }
     }
@@ -253,10 +261,12 @@ impl Listener {
         // LISTEN first, then read: a write committed in between is seen by the read, and its
         // wake-up, if any, only causes one extra (empty) read.
         with_timeout(client.batch_execute(&format!("LISTEN {CHANNEL}"))).await?;
-        let mode_row =
-            with_timeout(client.query_one("SELECT current_setting('orderpush.wakeup', true)", &[]))
-                .await?;
-        let mode = WakeupMode::parse(mode_row.get::<_, Option<&str>>(0));
+        let mode_query = with_timeout(client.prepare(MODE_SQL)).await?;
+        let mut mode = WakeupMode::parse(
+            with_timeout(client.query_one(&mode_query, &[]))
+                .await?
+                .get::<_, Option<&str>>(0),
+        );
         *self.health.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
 
         let queries = with_timeout(FollowQueries::prepare(&client)).await?;
@@ -270,6 +280,8 @@ impl Listener {
 
         let mut poll = tokio::time::interval(mode.poll_interval());
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut recheck = tokio::time::interval(MODE_RECHECK);
+        recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The next read, when one is due: a follow-up (gated mode) or a wake-up that came while
         // reads were being paced.
         let mut next_read: Option<tokio::time::Instant> = None;
@@ -292,6 +304,21 @@ impl Listener {
                     self.scan(&client, &queries).await?
                 }
                 _ = poll.tick() => self.scan(&client, &queries).await?,
+                _ = recheck.tick() => {
+                    // A DBA may switch the mode at any time; this session's own setting is
+                    // fixed at connect, so read the database's.
+                    let now = WakeupMode::parse(
+                        with_timeout(client.query_one(&mode_query, &[])).await?.get::<_, Option<&str>>(0),
+                    );
+                    if now != mode {
+                        info!(from = ?mode, to = ?now, "wake-up mode changed");
+                        mode = now;
+                        *self.health.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
+                        poll = tokio::time::interval(mode.poll_interval());
+                        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    }
+                    continue;
+                }
             };
             let now = tokio::time::Instant::now();
             not_before = now + pace(found);

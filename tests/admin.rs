@@ -25,19 +25,6 @@ pub async fn get_json(server: &TestServer, path: &str, auth: Option<&str>) -> (u
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// The value of one sample of `/metrics` (`name` includes any labels exactly as rendered).
-pub async fn metric(server: &TestServer, name: &str) -> Option<f64> {
-    let text = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Polls `f` until it returns `Some`, failing after [`WAIT`] with `what`.
 pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -117,10 +104,10 @@ async fn admin_api_shows_terminals_with_delivered_and_acked_ids() {
     insert_loyalty(&db.client().await, "kitchen", 6).await;
     assert_eq!(pos.next().await["id"], 2);
     eventually("ignored messages are counted", async || {
-        (metric(&server, "orderpush_client_messages_ignored_total").await? >= 3.0).then_some(())
+        (metric_opt(&server, "orderpush_client_messages_ignored_total").await? >= 3.0).then_some(())
     })
     .await;
-    assert_eq!(metric(&server, "orderpush_acks_total").await, Some(1.0));
+    assert_eq!(metric_opt(&server, "orderpush_acks_total").await, Some(1.0));
     eventually("delivered id 2 is recorded, the ack stays 1", async || {
         let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
         let c = &body["connections"][0];
@@ -232,35 +219,35 @@ async fn metrics_report_presence_notify_queue_and_tenants_without_terminal() {
     let key = db.key("kitchen").await;
     let server = TestServer::start_with(&db, fast_presence).await;
     eventually("one live instance", async || {
-        (metric(&server, "orderpush_instances").await? == 1.0).then_some(())
+        (metric_opt(&server, "orderpush_instances").await? == 1.0).then_some(())
     })
     .await;
     assert_eq!(
-        metric(&server, "orderpush_tenants_without_terminal").await,
+        metric_opt(&server, "orderpush_tenants_without_terminal").await,
         Some(1.0)
     );
-    let usage = metric(&server, "orderpush_notification_queue_usage_ratio")
+    let usage = metric_opt(&server, "orderpush_notification_queue_usage_ratio")
         .await
         .expect("pg_notification_queue_usage() is reported");
     assert!((0.0..=1.0).contains(&usage));
     assert_eq!(
-        metric(&server, "orderpush_scrape_database_ok").await,
+        metric_opt(&server, "orderpush_scrape_database_ok").await,
         Some(1.0)
     );
     assert!(
-        metric(&server, "orderpush_listener_read_age_seconds")
+        metric_opt(&server, "orderpush_listener_read_age_seconds")
             .await
             .is_some()
     );
 
     let _pos = Pos::connect(&server, "kitchen", &key, None).await;
     eventually("kitchen has a terminal", async || {
-        (metric(&server, "orderpush_tenants_without_terminal").await? == 0.0).then_some(())
+        (metric_opt(&server, "orderpush_tenants_without_terminal").await? == 0.0).then_some(())
     })
     .await;
     // Slow-client disconnects are a reason of the disconnect counter.
     assert!(
-        metric(
+        metric_opt(
             &server,
             "orderpush_disconnects_total{reason=\"slow_consumer\"}"
         )

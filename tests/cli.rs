@@ -5,16 +5,7 @@ use std::process::{Command, Output};
 use crate::common::*;
 
 fn orderpush(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_orderpush"))
-        .args(args)
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    orderpush_cli(db, args)
 }
 
 #[tokio::test]

@@ -13,16 +13,7 @@ use crate::common::*;
 const DBA_MD: &str = include_str!("../docs/dba.md");
 
 fn orderpush(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_orderpush"))
-        .args(args)
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    orderpush_cli(db, args)
 }
 
 /// Everything a migration could change: relations, functions, triggers, schemas, history rows.
@@ -330,7 +321,7 @@ async fn triggers_shows_what_is_installed_and_enabled() {
     let db = TestDb::create().await;
     let report = triggers_json(&db);
     assert_eq!(report["installed"], true);
-    assert_eq!(report["wakeup"], "notify");
+    assert_eq!(report["wakeup"], "gated", "the default");
     assert_eq!(report["new_order_sources"], serde_json::json!(["online"]));
     for (table, name) in [
         ("public.orders", "orderpush_new_order"),

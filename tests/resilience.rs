@@ -202,3 +202,42 @@ async fn every_wakeup_mode_delivers_every_event_in_order() {
         );
     }
 }
+
+/// A DBA's `ALTER DATABASE … SET orderpush.wakeup` reaches a running service without a restart.
+#[tokio::test]
+async fn a_changed_wakeup_mode_is_picked_up_while_running() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let mode = || async {
+        let status: serde_json::Value = reqwest::get(server.http("/status/data"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status.to_string()
+    };
+    assert!(mode().await.contains("\"gated\""), "the default");
+    admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET orderpush.wakeup = 'poll'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !mode().await.contains("\"poll\"") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mode never switched"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And delivery goes on in the new mode.
+    let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
+    insert_loyalty(&db.client().await, "kitchen", 1).await;
+    assert_eq!(pos.next().await["id"], 1);
+}

@@ -42,18 +42,6 @@ async fn since_replays_then_continues_live_without_gap_or_repeat() {
     );
 }
 
-async fn metric(server: &TestServer, name: &str) -> f64 {
-    let text = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {text}"))
-}
-
 #[tokio::test]
 async fn recent_resumes_come_from_memory_older_ones_from_the_log() {
     let db = TestDb::create().await;

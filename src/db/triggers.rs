@@ -106,7 +106,7 @@ pub struct Table {
 pub struct Report {
     /// Whether schema `orderpush` exists (migrations applied).
     pub installed: bool,
-    /// The wake-up mode a new session of this database gets (`notify` when unset).
+    /// The wake-up mode a new session of this database gets (`gated` when unset).
     pub wakeup: String,
     /// `orders.order_source` values that emit `new_order`.
     pub new_order_sources: Vec<String>,
@@ -220,7 +220,7 @@ pub async fn report(client: &tokio_postgres::Client) -> Result<Report, DbError> 
     }
     Ok(Report {
         installed,
-        wakeup: wakeup.unwrap_or_else(|| "notify".into()),
+        wakeup: wakeup.unwrap_or_else(|| "gated".into()),
         new_order_sources,
         tables,
     })

@@ -452,21 +452,39 @@ pub async fn readyz(server: &TestServer) -> u16 {
 /// The value of one series in /metrics, e.g.
 /// `orderpush_disconnects_total{reason="slow_consumer"}` (0 when absent).
 pub async fn metric(server: &TestServer, series: &str) -> f64 {
+    metric_opt(server, series).await.unwrap_or(0.0)
+}
+
+/// The value of one series in /metrics, or `None` when it is not rendered.
+pub async fn metric_opt(server: &TestServer, series: &str) -> Option<f64> {
     let text = reqwest::get(server.http("/metrics"))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Runs the real `orderpush` binary against a test database.
+pub fn orderpush_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_orderpush"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+/// Command output as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A tenant's whole retained event log as `{id, type, tenant, data}` objects, in id order:
