@@ -155,7 +155,10 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     );
     for s in [&a, &b] {
         // bistro, and the fence's tenant (no terminal either).
-        assert_eq!(metric_opt(s, "orderpush_tenants_undelivered").await, Some(2.0));
+        assert_eq!(
+            metric_opt(s, "orderpush_tenants_undelivered").await,
+            Some(2.0)
+        );
     }
 
     // A terminal on A only: B must not call kitchen's order undelivered.

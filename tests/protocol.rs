@@ -2,13 +2,8 @@
 //! `since`, live events, a reconnect across a server restart, and a clean stop on 401.
 //! Needs `node` and `tests/js/node_modules` (`npm ci --prefix tests/js`); skipped without them.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
-use serde_json::Value;
+use std::process::Command;
 
 use crate::common::*;
 
@@ -42,90 +37,21 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-/// The client as a child process; stdout lines parsed, stderr lines collected; killed on drop.
-struct Client {
-    child: Child,
-    out: mpsc::Receiver<Value>,
-    err: mpsc::Receiver<String>,
-    stderr: Vec<String>,
-}
+/// The documented client, run by Node.
+struct Client;
 
 impl Client {
-    fn start(script: &PathBuf, server: &TestServer, key: &str, since: Option<i64>) -> Self {
+    fn start(script: &PathBuf, server: &TestServer, key: &str, since: Option<i64>) -> JsonChild {
         let mut cmd = Command::new("node");
         cmd.arg(script)
             .arg(server.ws(""))
             .arg("kitchen")
             .env("ORDERPUSH_KEY", key)
-            .env("NODE_PATH", node_modules())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("NODE_PATH", node_modules());
         if let Some(s) = since {
             cmd.arg(s.to_string());
         }
-        let mut child = cmd.spawn().unwrap();
-        let (otx, out) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = otx.send(serde_json::from_str(&line).expect("one JSON event per line"));
-            }
-        });
-        let (etx, err) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = etx.send(line);
-            }
-        });
-        Self {
-            child,
-            out,
-            err,
-            stderr: Vec::new(),
-        }
-    }
-
-    fn drain(&mut self) {
-        while let Ok(l) = self.err.try_recv() {
-            self.stderr.push(l);
-        }
-    }
-
-    async fn next(&mut self) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT * 2;
-        loop {
-            if let Ok(v) = self.out.try_recv() {
-                return v;
-            }
-            self.drain();
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no event; stderr:\n{}",
-                self.stderr.join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn stderr_line(&mut self, needle: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT * 2;
-        while !self.stderr.iter().any(|l| l.contains(needle)) {
-            self.drain();
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {needle:?} in stderr:\n{}",
-                self.stderr.join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        JsonChild::spawn(cmd)
     }
 }
 
@@ -151,22 +77,18 @@ async fn the_documented_javascript_client_resumes_with_since() {
 
     // A refused key: one clear message, exit 1, no reconnect loop.
     let mut refused = Client::start(&script, &server, &format!("pos_{}", "0".repeat(64)), None);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = refused.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "kept retrying");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        refused.exit().await.0,
+        Some(1),
+        "one clear stop, no retry loop"
+    );
 
     // Replay after since=1, then live.
     let mut pos = Client::start(&script, &server, &key, Some(1));
-    assert_eq!(pos.next().await["id"], 2);
-    assert_eq!(pos.next().await["id"], 3);
+    assert_eq!(pos.next_event().await["id"], 2);
+    assert_eq!(pos.next_event().await["id"], 3);
     insert_loyalty(&c, "kitchen", 4).await;
-    let ev = pos.next().await;
+    let ev = pos.next_event().await;
     assert_eq!(
         (ev["type"].as_str(), ev["id"].as_i64()),
         (Some("loyalty_updated"), Some(4))
@@ -174,14 +96,14 @@ async fn the_documented_javascript_client_resumes_with_since() {
 
     // Restart the server; an event written meanwhile arrives after the reconnect.
     server.stop().await;
-    pos.stderr_line("closed (1001)").await;
+    pos.expect_stderr("closed (1001)").await;
     insert_loyalty(&c, "kitchen", 5).await;
     let server = TestServer::start_at(&db, addr, |_| {}).await;
-    let ev = pos.next().await;
+    let ev = pos.next_event().await;
     assert_eq!(ev["id"], 5, "{ev}");
-    pos.stderr_line("?since=4").await;
+    pos.expect_stderr("?since=4").await;
     insert_loyalty(&c, "kitchen", 6).await;
-    assert_eq!(pos.next().await["id"], 6, "nothing twice");
+    assert_eq!(pos.next_event().await["id"], 6, "nothing twice");
     server.stop().await;
     let _ = std::fs::remove_file(&script);
 }

@@ -1,123 +1,24 @@
 //! `orderpush tail`, run as a POS developer would: events as pretty JSON, resume with `since`
 //! across a server restart, and a clean stop (no retry loop) when the key is refused.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
-use serde_json::Value;
+use std::process::Command;
 
 use crate::common::*;
 
-/// A running `orderpush tail`: parsed stdout documents and stderr lines on channels.
-struct Tail {
-    child: Child,
-    events: mpsc::Receiver<Value>,
-    lines: mpsc::Receiver<String>,
-    stderr: Vec<String>,
-}
+/// A running `orderpush tail`.
+struct Tail;
 
 impl Tail {
-    fn start(server: &TestServer, tenant: &str, key: &str, since: Option<i64>) -> Self {
+    fn start(server: &TestServer, tenant: &str, key: &str, since: Option<i64>) -> JsonChild {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderpush"));
         cmd.args(["tail", "--url", &server.ws(""), "--tenant", tenant])
             .env("ORDERPUSH_KEY", key)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("NO_COLOR", "1");
         if let Some(s) = since {
             cmd.args(["--since", &s.to_string()]);
         }
-        let mut child = cmd.spawn().unwrap();
-        let (etx, events) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        // Pretty JSON spans lines: read a stream of documents.
-        std::thread::spawn(move || {
-            for v in serde_json::Deserializer::from_reader(stdout).into_iter::<Value>() {
-                match v {
-                    Ok(v) => {
-                        let _ = etx.send(v);
-                    }
-                    Err(_) => break,
-                }
-            }
-        });
-        let (ltx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = ltx.send(line);
-            }
-        });
-        Self {
-            child,
-            events,
-            lines,
-            stderr: Vec::new(),
-        }
-    }
-
-    async fn next_event(&mut self) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT * 2;
-        loop {
-            if let Ok(v) = self.events.try_recv() {
-                return v;
-            }
-            self.drain();
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no event; stderr:\n{}",
-                self.stderr.join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn drain(&mut self) {
-        while let Ok(l) = self.lines.try_recv() {
-            self.stderr.push(l);
-        }
-    }
-
-    async fn expect_stderr(&mut self, needle: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT * 2;
-        while !self.stderr.iter().any(|l| l.contains(needle)) {
-            self.drain();
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no stderr line with {needle:?}:\n{}",
-                self.stderr.join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits for the process to exit by itself; returns (success, stderr).
-    async fn exit(&mut self) -> (bool, String) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "tail kept running (a retry loop?):\n{}",
-                self.stderr.join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.drain();
-        (status.success(), self.stderr.join("\n"))
-    }
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        JsonChild::spawn(cmd)
     }
 }
 
@@ -129,7 +30,7 @@ async fn tail_prints_events_and_resumes_across_a_server_restart() {
     let server = TestServer::start(&db).await;
     let addr = server.addr;
     let mut tail = Tail::start(&server, "kitchen", &key, None)
-        .await_connected()
+        .after_stderr("connected to")
         .await;
     let mut c = db.client().await;
     insert_order(&mut c, "kitchen", "KIT-1", 2).await;
@@ -152,13 +53,6 @@ async fn tail_prints_events_and_resumes_across_a_server_restart() {
     let ev = tail.next_event().await;
     assert_eq!(ev["id"], 3, "then live, nothing twice");
     server.stop().await;
-}
-
-impl Tail {
-    async fn await_connected(mut self) -> Self {
-        self.expect_stderr("connected to").await;
-        self
-    }
 }
 
 #[tokio::test]
@@ -186,20 +80,23 @@ async fn tail_stops_at_once_when_the_key_is_refused() {
 
     let unknown = format!("pos_{}", "ab".repeat(32));
     let mut tail = Tail::start(&server, "kitchen", &unknown, None);
-    let (ok, stderr) = tail.exit().await;
+    let (code, stderr) = tail.exit().await;
+    let ok = code == Some(0);
     assert!(!ok);
     assert!(stderr.contains("HTTP 401"), "{stderr}");
     assert!(stderr.contains("unknown or revoked"), "{stderr}");
     assert!(!stderr.contains("reconnecting"), "{stderr}");
 
     let mut tail = Tail::start(&server, "kitchen", &other, None);
-    let (ok, stderr) = tail.exit().await;
+    let (code, stderr) = tail.exit().await;
+    let ok = code == Some(0);
     assert!(!ok);
     assert!(stderr.contains("HTTP 403"), "{stderr}");
     assert!(stderr.contains("another tenant than 'kitchen'"), "{stderr}");
 
     let mut tail = Tail::start(&server, "kitchen", "not-a-key", None);
-    let (ok, stderr) = tail.exit().await;
+    let (code, stderr) = tail.exit().await;
+    let ok = code == Some(0);
     assert!(!ok);
     assert!(stderr.contains("pos_<64 hex digits>"), "{stderr}");
 }
@@ -214,10 +111,11 @@ async fn tail_stops_when_the_key_is_revoked_while_connected() {
         .unwrap();
     let server = TestServer::start(&db).await;
     let mut tail = Tail::start(&server, "kitchen", &key.secret, None)
-        .await_connected()
+        .after_stderr("connected to")
         .await;
     orderpush::db::keys::revoke(&c, &key.id).await.unwrap();
-    let (ok, stderr) = tail.exit().await;
+    let (code, stderr) = tail.exit().await;
+    let ok = code == Some(0);
     assert!(!ok);
     assert!(stderr.contains("revoked"), "{stderr}");
     server.stop().await;

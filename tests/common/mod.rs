@@ -656,3 +656,121 @@ impl Collector {
         self.events()
     }
 }
+
+/// A child process that prints JSON documents on stdout (one per line or pretty-printed): the
+/// documents and the stderr lines arrive on channels; killed on drop.
+pub struct JsonChild {
+    child: std::process::Child,
+    docs: std::sync::mpsc::Receiver<Value>,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line read so far.
+    pub stderr: Vec<String>,
+}
+
+impl JsonChild {
+    /// Spawns `cmd` with piped stdout and stderr.
+    pub fn spawn(mut cmd: std::process::Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (dtx, docs) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        // A stream of documents: works for one-per-line and for pretty JSON spanning lines.
+        std::thread::spawn(move || {
+            for v in serde_json::Deserializer::from_reader(stdout).into_iter::<Value>() {
+                match v {
+                    Ok(v) => {
+                        let _ = dtx.send(v);
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        let (ltx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = ltx.send(line);
+            }
+        });
+        Self {
+            child,
+            docs,
+            lines,
+            stderr: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.stderr.push(l);
+        }
+    }
+
+    /// The next document; panics (with the stderr so far) after twice [`WAIT`].
+    pub async fn next_event(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT * 2;
+        loop {
+            if let Ok(v) = self.docs.try_recv() {
+                return v;
+            }
+            self.drain();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no event; stderr:\n{}",
+                self.stderr.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    pub async fn expect_stderr(&mut self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT * 2;
+        while !self.stderr.iter().any(|l| l.contains(needle)) {
+            self.drain();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no stderr line with {needle:?}:\n{}",
+                self.stderr.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until a stderr line contains `needle`, then hands the process back.
+    pub async fn after_stderr(mut self, needle: &str) -> Self {
+        self.expect_stderr(needle).await;
+        self
+    }
+
+    /// Waits for the process to exit by itself; returns (exit code, stderr).
+    pub async fn exit(&mut self) -> (Option<i32>, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the process kept running (a retry loop?):\n{}",
+                self.stderr.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.drain();
+        (status.code(), self.stderr.join("\n"))
+    }
+}
+
+impl Drop for JsonChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
