@@ -416,7 +416,10 @@ impl Listener {
         if let Some(activity) = &self.activity {
             activity.record(&event, delivery.sent, undelivered);
         }
-        if here == 0 {
+        if here == 0 && elsewhere == Some(true) {
+            // Its terminals are on other instances, which log the delivery: no noise here.
+            debug!(tenant = %event.tenant, "no local connections for tenant: {}", event.tenant);
+        } else if here == 0 {
             info!(tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
         } else {
             info!(
