@@ -106,20 +106,11 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
 }
 
 pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
-    let mut op = None;
-    let mut nd = None;
-    for kind in ctx.args.servers.clone() {
-        super::ensure_idle(ctx, &format!("scenario 1 on {}", kind.name())).await;
-        say(format!("scenario 1 (connections) against {}", kind.name()));
-        match one(ctx, kind).await {
-            Ok(o) => {
-                res.rss_curve.insert(kind.name().into(), o.curve.clone());
-                match kind {
-                    Kind::Orderpush => op = Some(o),
-                    Kind::Node => nd = Some(o),
-                }
-            }
-            Err(e) => ctx.note(format!("scenario 1 on {} failed: {e:#}", kind.name())),
+    let (op, nd) =
+        super::on_each_server(ctx, "scenario 1 (connections)", |kind| one(ctx, kind)).await;
+    for (kind, o) in [(Kind::Orderpush, &op), (Kind::Node, &nd)] {
+        if let Some(o) = o {
+            res.rss_curve.insert(kind.name().into(), o.curve.clone());
         }
     }
     let n = ctx.args.clients;

@@ -291,28 +291,18 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
 }
 
 pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
-    let mut op = None;
-    let mut nd = None;
-    for kind in ctx.args.servers.clone() {
-        super::ensure_idle(ctx, &format!("scenario 2 on {}", kind.name())).await;
-        say(format!("scenario 2 (fan-out) against {}", kind.name()));
-        match one(ctx, kind).await {
-            Ok(o) => {
-                res.fanout_latency.insert(
-                    kind.name().into(),
-                    vec![(
-                        ctx.args.fanout_rate,
-                        o.steady.p50,
-                        o.steady.p99,
-                        o.steady.max,
-                    )],
-                );
-                match kind {
-                    Kind::Orderpush => op = Some(o),
-                    Kind::Node => nd = Some(o),
-                }
-            }
-            Err(e) => ctx.note(format!("scenario 2 on {} failed: {e:#}", kind.name())),
+    let (op, nd) = super::on_each_server(ctx, "scenario 2 (fan-out)", |kind| one(ctx, kind)).await;
+    for (kind, o) in [(Kind::Orderpush, &op), (Kind::Node, &nd)] {
+        if let Some(o) = o {
+            res.fanout_latency.insert(
+                kind.name().into(),
+                vec![(
+                    ctx.args.fanout_rate,
+                    o.steady.p50,
+                    o.steady.p99,
+                    o.steady.max,
+                )],
+            );
         }
     }
     let s = "2 fan-out";

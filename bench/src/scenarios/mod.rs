@@ -69,6 +69,32 @@ pub async fn ensure_idle(ctx: &Ctx, label: &str) {
     }
 }
 
+/// Runs one scenario against every configured server in turn (waiting for a quiet machine
+/// before each) and returns orderpush's and Node's outcomes; a failure is noted, not fatal.
+pub async fn on_each_server<O, F, Fut>(
+    ctx: &Ctx,
+    scenario: &str,
+    mut one: F,
+) -> (Option<O>, Option<O>)
+where
+    F: FnMut(Kind) -> Fut,
+    Fut: std::future::Future<Output = Result<O>>,
+{
+    let (mut op, mut nd) = (None, None);
+    for kind in ctx.args.servers.clone() {
+        ensure_idle(ctx, &format!("{scenario} on {}", kind.name())).await;
+        say(format!("{scenario} against {}", kind.name()));
+        match one(kind).await {
+            Ok(o) => match kind {
+                Kind::Orderpush => op = Some(o),
+                Kind::Node => nd = Some(o),
+            },
+            Err(e) => ctx.note(format!("{scenario} on {} failed: {e:#}", kind.name())),
+        }
+    }
+    (op, nd)
+}
+
 /// A message into a scenario's log, so progress is visible in a multi-minute run.
 pub fn say(msg: impl AsRef<str>) {
     eprintln!(

@@ -189,22 +189,8 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
 }
 
 pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
-    let mut op = None;
-    let mut nd = None;
-    for kind in ctx.args.servers.clone() {
-        super::ensure_idle(ctx, &format!("scenario 6 on {}", kind.name())).await;
-        say(format!(
-            "scenario 6 (reconnect storm) against {}",
-            kind.name()
-        ));
-        match one(ctx, kind).await {
-            Ok(o) => match kind {
-                Kind::Orderpush => op = Some(o),
-                Kind::Node => nd = Some(o),
-            },
-            Err(e) => ctx.note(format!("scenario 6 on {} failed: {e:#}", kind.name())),
-        }
-    }
+    let (op, nd) =
+        super::on_each_server(ctx, "scenario 6 (reconnect storm)", |kind| one(ctx, kind)).await;
     let s = "6 reconnect storm";
     let n = ctx.args.clients;
     let desc = |o: &Option<Outcome>| {
