@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
-use super::{CONNECT_CONCURRENCY, Ctx, broadcast_body, frame_seq, say};
+use super::{Ctx, broadcast_body, frame_seq, say};
 use crate::clock::now_ns;
 use crate::http::HttpConn;
 use crate::report::{Better, Results, Row};
@@ -62,8 +62,10 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     let counters = Arc::new(ClientCounters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let eps = ctx.endpoints(kind, t, t);
-    let mut first_err = None;
-    let (clients, _) = ws::connect_many(
+    let (clients, _) = super::connect_all(
+        ctx,
+        kind,
+        "broadcast-scenario",
         &eps,
         |i| Counter {
             tenant: i,
@@ -73,16 +75,8 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         &counters,
         false,
         &stop_rx,
-        CONNECT_CONCURRENCY,
-        &mut first_err,
     )
     .await;
-    if let Some(e) = first_err {
-        ctx.note(format!(
-            "{}: broadcast-scenario connects failed: {e}",
-            kind.name()
-        ));
-    }
     let accepted_per_tenant: Arc<Vec<AtomicU64>> =
         Arc::new((0..t).map(|_| AtomicU64::new(0)).collect());
     let pad = Arc::new("x".repeat(a.payload_bytes));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
-use super::{CONNECT_CONCURRENCY, Ctx, say};
+use super::{Ctx, say};
 use crate::clock::now_ns;
 use crate::report::{Better, Results, Row};
 use crate::servers::{Kind, Server};
@@ -220,24 +220,17 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Vec<PhaseOut>> {
     let counters = Arc::new(ClientCounters::default());
     let new_orders = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut first_err = None;
-    let (clients, st) = ws::connect_many(
+    let (clients, _) = super::connect_all(
+        ctx,
+        kind,
+        "commit-scenario",
         &eps,
         |i| OrderClient::new(i % a.tenants, new_orders.clone()),
         &counters,
         false,
         &stop_rx,
-        CONNECT_CONCURRENCY,
-        &mut first_err,
     )
     .await;
-    if let Some(e) = first_err {
-        ctx.note(format!(
-            "{}: {} commit-scenario connects failed, first: {e}",
-            kind.name(),
-            st.failed
-        ));
-    }
     // Let the server finish subscribing every client before the first order.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = Arc::new(OrderLog::new(a.tenants, ctx.next_salt()));

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
-use super::{CONNECT_CONCURRENCY, Ctx, broadcast_body, frame_seq, say};
+use super::{Ctx, broadcast_body, frame_seq, say};
 use crate::clock::{instant_at, now_ns};
 use crate::http::HttpConn;
 use crate::report::{Better, Results, Row};
@@ -100,24 +100,17 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     let counters = Arc::new(ClientCounters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let eps = ctx.endpoints(kind, a.clients, 1);
-    let mut first_err = None;
-    let (clients, st) = ws::connect_many(
+    let (clients, _) = super::connect_all(
+        ctx,
+        kind,
+        "fan-out",
         &eps,
         |_| FanClient(sh.clone()),
         &counters,
         false,
         &stop_rx,
-        CONNECT_CONCURRENCY,
-        &mut first_err,
     )
     .await;
-    if let Some(e) = first_err {
-        ctx.note(format!(
-            "{}: {} fan-out connects failed, first: {e}",
-            kind.name(),
-            st.failed
-        ));
-    }
     let n = clients.len();
     say(format!("{}: {n} clients on one tenant", kind.name()));
     let live = || n.saturating_sub(counters.disconnects.load(Ordering::Relaxed) as usize) as u32;

@@ -69,6 +69,40 @@ pub async fn ensure_idle(ctx: &Ctx, label: &str) {
     }
 }
 
+/// Opens a client to every endpoint (at most [`CONNECT_CONCURRENCY`] handshakes at once) and
+/// notes the first failure, if any, as "`what` connects failed".
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_all<S: crate::ws::ClientLogic>(
+    ctx: &Ctx,
+    kind: Kind,
+    what: &str,
+    eps: &[Endpoint],
+    make_state: impl FnMut(usize) -> S,
+    counters: &std::sync::Arc<crate::ws::ClientCounters>,
+    reconnect: bool,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> (Vec<crate::ws::Client<S>>, crate::ws::ConnectStats) {
+    let mut first_err = None;
+    let (clients, st) = crate::ws::connect_many(
+        eps,
+        make_state,
+        counters,
+        reconnect,
+        stop,
+        CONNECT_CONCURRENCY,
+        &mut first_err,
+    )
+    .await;
+    if let Some(e) = first_err {
+        ctx.note(format!(
+            "{}: {} {what} connects failed, first: {e}",
+            kind.name(),
+            st.failed
+        ));
+    }
+    (clients, st)
+}
+
 /// Runs one scenario against every configured server in turn (waiting for a quiet machine
 /// before each) and returns orderpush's and Node's outcomes; a failure is noted, not fatal.
 pub async fn on_each_server<O, F, Fut>(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::commit::{OrderClient, drain, judge, writer_conns};
-use super::{CONNECT_CONCURRENCY, Ctx, say};
+use super::{Ctx, say};
 use crate::clock::{ms, now_ns};
 use crate::report::{Better, Results, Row};
 use crate::servers::{Kind, Server};
@@ -47,24 +47,17 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     let counters = Arc::new(ClientCounters::default());
     let new_orders = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut first_err = None;
-    let (clients, st) = ws::connect_many(
+    let (clients, _) = super::connect_all(
+        ctx,
+        kind,
+        "storm",
         &eps,
         |i| OrderClient::new(i % a.tenants, new_orders.clone()),
         &counters,
         true,
         &stop_rx,
-        CONNECT_CONCURRENCY,
-        &mut first_err,
     )
     .await;
-    if let Some(e) = first_err {
-        ctx.note(format!(
-            "{}: {} storm connects failed, first: {e}",
-            kind.name(),
-            st.failed
-        ));
-    }
     say(format!(
         "{}: {} clients following orders",
         kind.name(),
