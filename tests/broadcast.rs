@@ -194,11 +194,7 @@ async fn a_configured_token_is_required() {
 #[tokio::test]
 async fn concurrent_broadcasts_are_batched_without_losing_or_mixing_any() {
     let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    db.tenant("bistro").await;
-    let server = TestServer::start(&db).await;
-    let mut kitchen = Pos::connect(&server, "kitchen", &db.key("kitchen").await, None).await;
-    let mut bistro = Pos::connect(&server, "bistro", &db.key("bistro").await, None).await;
+    let (server, mut kitchen, mut bistro) = kitchen_and_bistro(&db).await;
     let client = reqwest::Client::new();
     let url = server.http("/broadcast");
     let mut calls = Vec::new();

@@ -81,11 +81,7 @@ async fn path_tricks_never_reach_another_tenant() {
 #[tokio::test]
 async fn a_tenant_never_sees_another_tenants_events() {
     let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    db.tenant("bistro").await;
-    let server = TestServer::start(&db).await;
-    let mut kitchen = Pos::connect(&server, "kitchen", &db.key("kitchen").await, None).await;
-    let mut bistro = Pos::connect(&server, "bistro", &db.key("bistro").await, None).await;
+    let (_server, mut kitchen, mut bistro) = kitchen_and_bistro(&db).await;
     let client = db.client().await;
     insert_loyalty(&client, "bistro", 7).await;
     insert_loyalty(&client, "kitchen", 3).await;

@@ -774,3 +774,13 @@ impl Drop for JsonChild {
         let _ = self.child.wait();
     }
 }
+
+/// Tenants `kitchen` and `bistro`, a server, and one live POS on each tenant.
+pub async fn kitchen_and_bistro(db: &TestDb) -> (TestServer, Pos, Pos) {
+    db.tenant("kitchen").await;
+    db.tenant("bistro").await;
+    let server = TestServer::start(db).await;
+    let kitchen = Pos::connect(&server, "kitchen", &db.key("kitchen").await, None).await;
+    let bistro = Pos::connect(&server, "bistro", &db.key("bistro").await, None).await;
+    (server, kitchen, bistro)
+}
