@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::admin::{self, Challenge, ConnectionRow};
-use crate::activity::{self, RecentEvent, Undelivered};
+use crate::activity::{RecentEvent, Undelivered};
 use crate::presence::STALE_AFTER;
 
 /// The page itself: static, no data (the data comes from `/status/data`).
@@ -181,7 +181,7 @@ async fn data(
 
     let listener = &state.listener;
     let body = json!({
-        "generated_at": activity::iso(SystemTime::now()),
+        "generated_at": crate::event::iso(SystemTime::now()),
         "this_instance": state.presence.info().id,
         "database_ok": database_ok,
         "database_error": database_error,
