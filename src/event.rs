@@ -3,6 +3,44 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Largest frame a POS is ever sent (the envelope included). Events rendered larger are
+/// shortened once, where they are stored, and marked `"truncated": true` (docs/protocol.md), so
+/// socket buffers and queues sized for one such frame always have a path that delivers.
+/// 1 MiB holds an order with hundreds of items and long notes many times over.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Why a POS is told to refetch its state (`resync_required`'s `data.reason`, docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// `since` is older than what the log retains.
+    Retention,
+    /// The replay from `since` would be longer than a socket may replay.
+    ReplayTooLong,
+    /// A row of the log could not be read; the frame carries its id.
+    BadEvent,
+    /// A database write could not be turned into an event.
+    EmitFailed,
+    /// The log went backwards (a restore or a failover); the frame's lower id is the new
+    /// position.
+    LogRewound,
+    /// A bulk job ran with `orderpush.suppress` on and emitted no events.
+    Suppressed,
+}
+
+impl ResyncReason {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Retention => "retention",
+            ResyncReason::ReplayTooLong => "replay_too_long",
+            ResyncReason::BadEvent => "bad_event",
+            ResyncReason::EmitFailed => "emit_failed",
+            ResyncReason::LogRewound => "log_rewound",
+            ResyncReason::Suppressed => "suppressed",
+        }
+    }
+}
+
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -51,6 +89,25 @@ pub struct Event {
 }
 
 impl Event {
+    /// Stands in for a row of the log that could not be read: a `resync_required` with reason
+    /// `bad_event` under the row's own id, so ids stay contiguous and the POS refetches.
+    pub fn bad(tenant: Arc<str>, id: i64) -> Self {
+        let data = serde_json::json!({
+            "reason": ResyncReason::BadEvent.as_str(),
+            "since": id - 1,
+            "latestId": id,
+        });
+        Event {
+            tenant,
+            id,
+            kind: "resync_required".into(),
+            timestamp: iso_now(),
+            data: data.to_string(),
+            origin: Origin::Db,
+            emitted_at: SystemTime::now(),
+        }
+    }
+
     /// Renders the frame: `{"type","tenant","timestamp","data","id"}` (contract §3). `data` is
     /// spliced in as stored, so money, key order and nesting reach the POS as written.
     pub fn to_frame(&self) -> String {
@@ -83,8 +140,8 @@ pub fn envelope(kind: &str, tenant: &str, timestamp: &str, data: &str, id: i64) 
 
 /// The first frame a client gets when its `since` cannot be honoured: it must refetch its state
 /// over REST and may then continue from `latest` (the id carried by this frame).
-pub fn resync_required(tenant: &str, reason: &str, since: i64, latest: i64) -> String {
-    let data = serde_json::json!({ "reason": reason, "since": since, "latestId": latest });
+pub fn resync_required(tenant: &str, reason: ResyncReason, since: i64, latest: i64) -> String {
+    let data = serde_json::json!({ "reason": reason.as_str(), "since": since, "latestId": latest });
     envelope(
         "resync_required",
         tenant,

@@ -15,18 +15,44 @@ const EVENT_COLUMNS: &str = "e.tenant_slug, e.id, e.type, e.ts, e.data::text, e.
 fn event_from_row(row: &Row, tenant: Option<&Arc<str>>) -> Event {
     let tenant = match tenant {
         Some(t) => Arc::clone(t),
-        None => Arc::from(row.get::<_, &str>(0)),
+        None => Arc::from(row.try_get::<_, &str>(0).unwrap_or("")),
     };
-    let emitted: f64 = row.get(6);
-    Event {
-        tenant,
-        id: row.get(1),
-        kind: row.get(2),
-        timestamp: row.get(3),
-        data: row.get(4),
-        origin: Origin::from_db(row.get(5)),
-        emitted_at: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(emitted.max(0.0)),
+    let id: i64 = row.try_get(1).unwrap_or(0);
+    match decode_row(row) {
+        Ok((kind, timestamp, data, origin, emitted_at)) => Event {
+            tenant,
+            id,
+            kind,
+            timestamp,
+            data,
+            origin,
+            emitted_at,
+        },
+        Err(reason) => {
+            // Never panic or skip on a row we cannot read: the POS is told to refetch instead
+            // (docs/protocol.md, `bad_event`), and the operator sees which row it was.
+            tracing::warn!(tenant = %tenant.escape_debug(), id, reason, "undecodable event row; sending resync_required");
+            Event::bad(tenant, id)
+        }
     }
+}
+
+/// The columns of an event row after the tenant and id, or why they cannot be used.
+fn decode_row(row: &Row) -> Result<(String, String, String, Origin, SystemTime), &'static str> {
+    let kind: String = row.try_get(2).map_err(|_| "type is not text")?;
+    let timestamp: String = row.try_get(3).map_err(|_| "ts is not text")?;
+    let data: String = row.try_get(4).map_err(|_| "data is not readable")?;
+    let origin: &str = row.try_get(5).map_err(|_| "origin is not text")?;
+    let emitted: f64 = row.try_get(6).map_err(|_| "emitted_at is not a time")?;
+    // `infinity` and dates beyond what SystemTime holds are not times an event was written at.
+    let emitted_at = Duration::try_from_secs_f64(emitted)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+        .ok_or("emitted_at is not a finite time after 1970")?;
+    if serde_json::from_str::<serde::de::IgnoredAny>(&data).is_err() {
+        return Err("data is not valid JSON");
+    }
+    Ok((kind, timestamp, data, Origin::from_db(origin), emitted_at))
 }
 
 /// One explicit push from `POST /broadcast`, already validated.

@@ -432,9 +432,9 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
             }
         }
         let reason = if since > head {
-            "since_ahead_of_log"
+            event::ResyncReason::LogRewound
         } else {
-            "since_expired"
+            event::ResyncReason::Retention
         };
         let text = event::resync_required(&tenant, reason, since, head);
         self.send(Message::Text(text.into())).await?;
