@@ -22,6 +22,9 @@ pub struct Frame {
     pub text: Utf8Bytes,
     /// When the event was written: resumes from memory honour the retention as the log does.
     pub emitted_at: SystemTime,
+    /// A `resync_required` (`log_rewound`) after the log went backwards: the socket sends it
+    /// although its id is not above the last one sent, and continues from that id.
+    pub rewind: bool,
 }
 
 /// Why the hub (or the revocation check) ended a subscription.
@@ -327,6 +330,41 @@ impl Hub {
         }
     }
 
+    /// The log went backwards to `to_id` for this tenant (a restore, or the tenant created again
+    /// under its slug): forget its recent frames and tell every socket of it to resync from
+    /// `to_id`, the lower id it adopts.
+    pub fn rewind(&self, tenant: &str, to_id: i64) {
+        let state = Arc::clone(lock(&self.tenants).entry(Arc::from(tenant)).or_default());
+        let mut t = lock(&state);
+        let previous = t.last_id.unwrap_or(to_id);
+        t.recent.clear();
+        t.recent_bytes = 0;
+        t.last_id = Some(to_id);
+        if previous <= to_id {
+            // Nothing was published beyond it: no socket can be ahead.
+            return;
+        }
+        let frame = Frame {
+            id: to_id,
+            text: Utf8Bytes::from(crate::event::resync_required(
+                tenant,
+                crate::event::ResyncReason::LogRewound,
+                previous,
+                to_id,
+            )),
+            emitted_at: SystemTime::now(),
+            rewind: true,
+        };
+        t.clients.retain(|_, c| {
+            if c.mailbox.push(&frame, self.queue_bytes, self.queue_frames) {
+                true
+            } else {
+                c.mailbox.fire(KickReason::SlowConsumer);
+                false
+            }
+        });
+    }
+
     fn remove(&self, tenant: &str, client: u64) {
         // The tenant's entry stays (it holds the recent history); entries are bounded by the
         // number of tenants.
@@ -433,6 +471,7 @@ mod tests {
             emitted_at: SystemTime::now(),
             id,
             text: Utf8Bytes::from(text.to_owned()),
+            rewind: false,
         }
     }
 

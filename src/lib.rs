@@ -34,5 +34,6 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod presence;
+pub mod sequencer;
 pub mod server;
 pub mod tail;

@@ -1,8 +1,10 @@
 //! Postgres access: connection settings, the pool, and one module per group of queries.
 
+pub mod broadcasts;
 pub mod events;
 pub mod keys;
 pub mod migrate;
+pub mod sequencer;
 pub mod triggers;
 pub mod uninstall;
 

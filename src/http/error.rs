@@ -25,6 +25,10 @@ pub enum Error {
     /// 413: the body is over the limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 422: the request is well-formed but conflicts with an earlier one (an idempotency key
+    /// reused for a different request).
+    #[error("{0}")]
+    Unprocessable(String),
     /// 415: the body is not JSON.
     #[error("content type must be application/json")]
     UnsupportedMediaType,
@@ -34,6 +38,12 @@ pub enum Error {
     /// 503: a dependency (the database) is unavailable or overloaded.
     #[error("service temporarily unavailable")]
     Unavailable,
+    /// 500 with `"written": "unknown"`: the connection was lost while committing, so the
+    /// request may or may not have been written. A retry with the same `Idempotency-Key` is safe.
+    #[error(
+        "the connection to the database was lost while committing: the event may or may not have been written; retry with the same Idempotency-Key"
+    )]
+    OutcomeUnknown,
     /// 500: a bug or an unexpected database error; logged in full.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -49,6 +59,8 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,11 +91,11 @@ impl IntoResponse for Error {
         if let Error::Internal(ref e) = self {
             tracing::error!(error = %e, "internal error");
         }
-        let mut response = (
-            self.status(),
-            Json(serde_json::json!({ "success": false, "error": self.to_string() })),
-        )
-            .into_response();
+        let mut body = serde_json::json!({ "success": false, "error": self.to_string() });
+        if let Error::OutcomeUnknown = self {
+            body["written"] = "unknown".into();
+        }
+        let mut response = (self.status(), Json(body)).into_response();
         if let Error::TooManyRequests(secs) = self {
             if let Ok(v) = secs.to_string().parse() {
                 response

@@ -309,6 +309,14 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 _ = &mut self.shutdown => return DisconnectReason::Shutdown,
                 _ = &mut self.kicked => return self.kick_reason(),
                 frame = self.sub.recv() => {
+                    if frame.rewind {
+                        // The log went backwards: say so, and continue from its lower id.
+                        if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
+                            return reason;
+                        }
+                        last_sent = Some(frame.id);
+                        continue;
+                    }
                     if let Some(last) = last_sent {
                         if frame.id <= last {
                             continue; // already sent by the replay

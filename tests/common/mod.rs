@@ -97,14 +97,42 @@ impl TestDb {
             .secret
     }
 
-    /// Number of rows in the event log.
+    /// Number of events in the log (the markers a tenant's log may start with excluded).
     pub async fn event_count(&self) -> i64 {
         self.client()
             .await
-            .query_one("SELECT count(*) FROM orderpush.events", &[])
+            .query_one("SELECT count(*) FROM orderpush.events WHERE id > 0", &[])
             .await
             .unwrap()
             .get(0)
+    }
+
+    /// Rows written by the application (or /broadcast) that no sequencer has numbered yet.
+    pub async fn staged_count(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM orderpush.staged", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until a running server's sequencer has numbered every staged row: the log then
+    /// holds every event of every committed write.
+    pub async fn wait_numbered(&self) {
+        let client = self.client().await;
+        eventually("every staged row is numbered", WAIT, || {
+            let client = &client;
+            async move {
+                client
+                    .query_one("SELECT count(*) FROM orderpush.staged", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    == 0
+            }
+        })
+        .await;
     }
 }
 
@@ -138,6 +166,14 @@ pub async fn connect(config: &tokio_postgres::Config) -> tokio_postgres::Client 
         .expect("connect to test Postgres");
     tokio::spawn(conn);
     client
+}
+
+/// Numbers every staged row by running a server until its sequencer has, then stopping it: for
+/// tests that prepare the event log before the server under test starts.
+pub async fn number_staged(db: &TestDb) {
+    let server = TestServer::start(db).await;
+    db.wait_numbered().await;
+    server.stop().await;
 }
 
 /// A running orderpush on 127.0.0.1:<random port>.
