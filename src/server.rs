@@ -170,7 +170,6 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    info!(addr = %listener.local_addr()?, "orderpush listening");
     for warning in auth::exposure_warnings(
         listener.local_addr()?,
         config.broadcast_token.is_some(),
@@ -178,6 +177,7 @@ pub async fn run(
     ) {
         warn!("{warning}");
     }
+    info!(addr = %listener.local_addr()?, "orderpush listening");
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -120,8 +120,10 @@ async fn upgrade(
                 Box::new(socket),
                 state,
                 tenant,
-                key.identity.id.into(),
-                key.generation,
+                SocketKey {
+                    id: key.identity.id.into(),
+                    generation: key.generation,
+                },
                 since,
                 peer,
                 token,
@@ -185,6 +187,13 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
+/// The key a socket authenticated with: its public id (shared) and the key cache's change
+/// generation when it was verified.
+struct SocketKey {
+    id: Arc<str>,
+    generation: u64,
+}
+
 /// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
 /// an async fn's arguments are stored in its task for its whole life, so keeping them small
 /// keeps every idle connection small.
@@ -192,13 +201,16 @@ async fn serve_socket(
     mut socket: Box<WebSocket>,
     state: AppState,
     tenant: Arc<str>,
-    key_id: Arc<str>,
-    key_generation: u64,
+    key: SocketKey,
     since: Option<i64>,
     peer: SocketAddr,
     // Held until the socket is closed, so shutdown waits for the close frame.
     _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
+    let SocketKey {
+        id: key_id,
+        generation: key_generation,
+    } = key;
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
