@@ -158,9 +158,9 @@ pub fn exposure_warnings(
         .filter(|(set, _, _)| !set)
         .map(|(_, flag, endpoints)| {
             format!(
-                "listening on {listen}, which is not a loopback address, without {flag}: \
-                 {endpoints} accept only direct local callers (loopback, no proxy headers, a \
-                 local Host); set {flag} to use them from elsewhere or through a reverse proxy"
+                "listening on {listen}, which is not a loopback address, without {flag}: only \
+                 direct local callers (loopback, no proxy headers, a local Host) may use \
+                 {endpoints}; set {flag} to let other hosts or a reverse proxy in"
             )
         })
         .collect()
