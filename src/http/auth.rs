@@ -223,13 +223,12 @@ pub async fn verify_key(
             error: Error::Unauthorized("invalid API key".into()),
             bad_key: Some(fingerprint),
         }),
-        Err(e) => Err(match Error::from(e) {
-            Error::Unavailable => {
-                Error::KeyUnverifiable(whole_seconds(key_cache::UNVERIFIABLE_RETRY_AFTER))
-            }
-            other => other,
+        // Whatever failed (no connection, a connection terminated mid-query, a timeout), the key
+        // is not known to be bad: the client must retry, not give up.
+        Err(e) => {
+            warn!(error = %e, "could not look up a POS key; answering 503");
+            Err(Error::KeyUnverifiable(whole_seconds(key_cache::UNVERIFIABLE_RETRY_AFTER)).into())
         }
-        .into()),
     }
 }
 
