@@ -598,6 +598,55 @@ async fn a_key_moved_to_another_tenant_or_deleted_with_its_tenant_loses_its_sock
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocation_watcher_reconnects_and_listens_again() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let created = orderpush::db::keys::create(&db.client().await, "kitchen", None)
+        .await
+        .unwrap();
+    let server = TestServer::start_with(&db, notifications_only).await;
+    let mut pos = Pos::connect(&server, "kitchen", &created.secret, None).await;
+    let admin = admin().await;
+    // The watcher's backend once it has listened and run its first check (idle after a query
+    // other than the LISTEN itself).
+    let watcher = async || -> Option<i32> {
+        admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2
+                 AND state = 'idle' AND query <> '' AND query NOT LIKE 'LISTEN%'",
+                &[&db.name, &orderpush::revocation::APPLICATION_NAME],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    };
+    let wait_for_watcher = async |other_than: Option<i32>| -> i32 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match watcher().await {
+                Some(pid) if Some(pid) != other_than => return pid,
+                _ => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no listening revocation watcher"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let first = wait_for_watcher(None).await;
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    wait_for_watcher(Some(first)).await;
+    // Only a notification on the new connection can close the socket in time.
+    orderpush::db::keys::revoke(&db.client().await, &created.id)
+        .await
+        .unwrap();
+    assert_eq!(pos.close_code(Duration::from_secs(5)).await, Some(1008));
+}
+
 #[tokio::test]
 async fn the_periodic_check_closes_sockets_when_a_notification_is_missed() {
     let db = TestDb::create().await;
