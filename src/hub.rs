@@ -384,20 +384,24 @@ impl Hub {
         ids
     }
 
-    /// Ends every socket authenticated with one of these keys; returns how many.
-    pub fn kick_keys(&self, key_ids: &[String], reason: KickReason) -> usize {
+    /// Kicks, with [`KickReason::KeyRevoked`], every socket whose key is in `tenant_of` and whose
+    /// tenant is not the one that key may read now (`None`: revoked or deleted, so all of its
+    /// sockets). One pass over all sockets, whatever the number of keys. Returns how many.
+    pub fn kick_keys_off_tenant(&self, tenant_of: &HashMap<&str, Option<&str>>) -> usize {
+        if tenant_of.is_empty() {
+            return 0;
+        }
         let map = lock(&self.tenants);
         let mut n = 0;
-        for t in map.values() {
+        for (tenant, t) in map.iter() {
             let mut t = lock(t);
-            t.clients.retain(|_, c| {
-                if key_ids.iter().any(|k| **k == *c.key_id) {
-                    c.mailbox.fire(reason);
+            t.clients.retain(|_, c| match tenant_of.get(&*c.key_id) {
+                Some(allowed) if *allowed != Some(&**tenant) => {
+                    c.mailbox.fire(KickReason::KeyRevoked);
                     n += 1;
                     false
-                } else {
-                    true
                 }
+                _ => true,
             });
         }
         n
@@ -477,14 +481,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn revoked_keys_are_kicked() {
+    async fn revoked_and_moved_keys_are_kicked_off_the_tenants_they_left() {
         let hub = Hub::new(1024, 16, DAY, Arc::default());
-        let tenant: Arc<str> = Arc::from("kitchen");
-        let (a, _) = hub.subscribe(&tenant, "k1", None);
-        let (b, _) = hub.subscribe(&tenant, "k2", None);
-        assert_eq!(hub.kick_keys(&["k1".into()], KickReason::KeyRevoked), 1);
-        assert_eq!(a.kick_reason(), Some(KickReason::KeyRevoked));
-        assert_eq!(b.kick_reason(), None);
+        let kitchen: Arc<str> = Arc::from("kitchen");
+        let bistro: Arc<str> = Arc::from("bistro");
+        let (revoked, _) = hub.subscribe(&kitchen, "k1", None);
+        let (untouched, _) = hub.subscribe(&kitchen, "k2", None);
+        let (moved_away, _) = hub.subscribe(&kitchen, "k3", None);
+        let (moved_here, _) = hub.subscribe(&bistro, "k3", None);
+        let states = HashMap::from([("k1", None), ("k3", Some("bistro"))]);
+        assert_eq!(hub.kick_keys_off_tenant(&states), 2);
+        assert_eq!(revoked.kick_reason(), Some(KickReason::KeyRevoked));
+        assert_eq!(moved_away.kick_reason(), Some(KickReason::KeyRevoked));
+        assert_eq!(untouched.kick_reason(), None);
+        assert_eq!(moved_here.kick_reason(), None);
+        assert_eq!(
+            hub.connected_key_ids(),
+            vec!["k2".to_string(), "k3".to_string()]
+        );
     }
 
     #[test]

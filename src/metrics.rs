@@ -84,6 +84,8 @@ pub struct Metrics {
     disconnects: [AtomicU64; 7],
     /// WebSocket upgrades refused for a missing, unknown or revoked key (401) or a wrong tenant (403).
     pub auth_failures: AtomicU64,
+    /// POS keys looked up in the database (keys found in the key cache need none).
+    pub key_lookups: AtomicU64,
     events_db: [AtomicU64; 6],
     events_broadcast: [AtomicU64; 6],
     /// Event frames written to sockets (replay included).
@@ -204,7 +206,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 16] = [
+        let counters: [(&str, &str, f64); 17] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -214,6 +216,11 @@ impl Metrics {
                 "orderpush_auth_failures_total",
                 "WebSocket upgrades refused with 401 or 403.",
                 load(&self.auth_failures),
+            ),
+            (
+                "orderpush_key_lookups_total",
+                "POS keys looked up in the database (cache misses).",
+                load(&self.key_lookups),
             ),
             (
                 "orderpush_frames_sent_total",

@@ -12,16 +12,17 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{HeaderMap, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use tracing::{debug, info};
 
+use super::auth::{self, Caller, KeyRefusal, VerifiedKey};
 use super::{AppState, Error};
 use crate::db::events;
-use crate::db::keys::{self, KeyIdentity};
+use crate::db::keys;
 use crate::event;
 use crate::hub::{KickReason, Replay, Subscription};
 use crate::metrics::DisconnectReason;
@@ -75,16 +76,23 @@ struct ResumeQuery {
 async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Option<Extension<Caller>>,
     Path(tenant): Path<String>,
     Query(query): Query<ResumeQuery>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
-    let key = match authenticate(&state, &tenant, &headers).await {
+    let caller = caller.map(|Extension(c)| c);
+    let key = match authenticate(&state, caller.as_ref(), &tenant, &headers).await {
         Ok(key) => key,
-        Err(e) => {
-            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
+        Err(refusal) => {
+            if matches!(
+                refusal.error,
+                Error::Unauthorized(_) | Error::Forbidden(_) | Error::BadRequest(_)
+            ) {
+                state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(refusal.into_response());
         }
     };
     let since = match query.since.as_deref() {
@@ -112,7 +120,10 @@ async fn upgrade(
                 Box::new(socket),
                 state,
                 tenant,
-                key.id.into(),
+                SocketKey {
+                    id: key.identity.id.into(),
+                    generation: key.generation,
+                },
                 since,
                 peer,
                 token,
@@ -120,26 +131,22 @@ async fn upgrade(
         }))
 }
 
-/// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403.
+/// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403; a key
+/// that cannot be verified now (database unreachable) → 503 with Retry-After.
 async fn authenticate(
     state: &AppState,
+    caller: Option<&Caller>,
     tenant: &str,
     headers: &HeaderMap,
-) -> Result<KeyIdentity, Error> {
+) -> Result<VerifiedKey, KeyRefusal> {
     let presented = presented_key(headers)?;
     if !keys::is_well_formed(presented) {
-        return Err(Error::Unauthorized("invalid API key".into()));
+        return Err(Error::Unauthorized("invalid API key".into()).into());
     }
-    let key = state
-        .keys
-        .resolve(&state.pool, presented)
-        .await?
-        .ok_or_else(|| Error::Unauthorized("invalid API key".into()))?;
+    let key = auth::verify_key(state, caller, presented).await?;
     // The path is compared, never queried: a malformed tenant simply is not the key's tenant.
-    if key.tenant != tenant {
-        return Err(Error::Forbidden(
-            "this API key belongs to another tenant".into(),
-        ));
+    if key.identity.tenant != tenant {
+        return Err(Error::Forbidden("this API key belongs to another tenant".into()).into());
     }
     Ok(key)
 }
@@ -180,6 +187,13 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
+/// The key a socket authenticated with: its public id (shared) and the key cache's change
+/// generation when it was verified.
+struct SocketKey {
+    id: Arc<str>,
+    generation: u64,
+}
+
 /// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
 /// an async fn's arguments are stored in its task for its whole life, so keeping them small
 /// keeps every idle connection small.
@@ -187,19 +201,27 @@ async fn serve_socket(
     mut socket: Box<WebSocket>,
     state: AppState,
     tenant: Arc<str>,
-    key_id: Arc<str>,
+    key: SocketKey,
     since: Option<i64>,
     peer: SocketAddr,
     // Held until the socket is closed, so shutdown waits for the close frame.
     _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
+    let SocketKey {
+        id: key_id,
+        generation: key_generation,
+    } = key;
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
     let (sub, replay) = state.hub.subscribe(&tenant, &key_id, since);
     let conn = state.presence.register(&tenant, &key_id, peer, since);
-    let reason = {
+    let reason = if !state.keys.still_valid(&key_id, &tenant, key_generation) {
+        // The key was revoked or moved while this socket was being set up: that change found
+        // no socket here to close, so close it now.
+        DisconnectReason::KeyRevoked
+    } else {
         // Pinned once per connection: creating these futures for every frame would register
         // and unregister a waiter under a lock each time.
         let shutdown = state.shutdown.cancelled();
