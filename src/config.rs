@@ -301,6 +301,11 @@ pub struct Tuning {
     pub auth_failure_limit: u32,
     /// How long an address over that limit is answered 429.
     pub auth_cooldown: Duration,
+    /// A socket with frames to send that completes no write for this long is closed with 1013.
+    pub drain_timeout: Duration,
+    /// Longest replay from the event log, in events; a longer one is answered with
+    /// `resync_required` (`replay_too_long`) instead.
+    pub max_replay_rows: i64,
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
@@ -318,6 +323,13 @@ pub const CLIENT_QUEUE_FRAMES: usize = 4096;
 pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Retention is coarse (hours); deleting every 5 minutes keeps each batch small.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+/// A socket that has something to send (a queued frame or a write in progress) and completes no
+/// write for 30 s is closed with 1013, even if its queue never overflows: a peer that stopped
+/// reading with a large frame pending would otherwise hold its task, its write buffer and its
+/// queue until TCP gives up (hours). 30 s is far longer than any live link needs to take a
+/// maximal frame (1 MiB) at 35 KB/s, and shorter than the 60 s ping timeout, which a stuck
+/// writer cannot act on.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -331,6 +343,8 @@ impl Default for Tuning {
             presence_interval: crate::presence::FLUSH_INTERVAL,
             auth_failure_limit: crate::http::auth::AUTH_FAILURE_LIMIT,
             auth_cooldown: crate::http::auth::AUTH_COOLDOWN,
+            drain_timeout: DRAIN_TIMEOUT,
+            max_replay_rows: crate::http::ws::MAX_REPLAY_ROWS,
         }
     }
 }

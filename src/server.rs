@@ -15,7 +15,7 @@ use crate::activity::Activity;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events};
 use crate::http::{self, AppState, Shared, auth, auth::KeyCache, broadcast};
-use crate::hub::{Frame, Hub, RECENT_FRAMES};
+use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth};
 use crate::metrics::Metrics;
 use crate::presence::{self, InstanceInfo, Presence};
@@ -144,10 +144,15 @@ pub async fn run(
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
-    let broadcasts = broadcast::Writer::spawn(pool.clone(), &tracker);
+    // Its own pool: no amount of replays, logins or scrapes can keep a broadcast from a
+    // connection.
+    let broadcasts = broadcast::Writer::spawn(db::writer_pool(&config.database)?, &tracker);
 
     let state = AppState::new(Shared {
         pool: pool.clone(),
+        replays: db::PoolShare::new(pool.clone(), db::REPLAY_CONNECTIONS),
+        admin_db: db::PoolShare::new(pool.clone(), db::ADMIN_CONNECTIONS),
+        db_gauges: Arc::default(),
         hub,
         metrics,
         listener: listener_health,
@@ -162,6 +167,12 @@ pub async fn run(
         tracker: tracker.clone(),
     });
     tracker.spawn(revocation::run(state.clone(), config.database.clone()));
+    tracker.spawn(http::status::refresh_gauges(state.clone()));
+    tracker.spawn(hub::watch_drains(
+        Arc::clone(&state.hub),
+        state.tuning.drain_timeout,
+        shutdown.clone(),
+    ));
     tracker.spawn(retention_loop(
         pool,
         config.retention,
