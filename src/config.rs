@@ -80,20 +80,22 @@ pub struct ServeArgs {
     /// Address for HTTP and WebSocket.
     #[arg(long, env = "ORDERPUSH_LISTEN", default_value = "0.0.0.0:9011")]
     pub listen: SocketAddr,
-    /// Bearer token required by POST /broadcast; without it only loopback callers may broadcast.
+    /// Bearer token required by POST /broadcast; without it only local callers may broadcast
+    /// (loopback, not through a proxy, with a local Host).
     #[arg(long, env = "ORDERPUSH_BROADCAST_TOKEN", value_parser = parse_token, hide_env_values = true)]
     pub broadcast_token: Option<String>,
     /// How long events stay replayable (e.g. 90s, 30m, 24h, 7d).
     #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
-    /// Bearer token for /admin/* and /status; without it only loopback callers may use them.
+    /// Bearer token for /admin/* and /status; without it only local callers may use them.
     #[arg(long, env = "ORDERPUSH_ADMIN_TOKEN", value_parser = parse_token, hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Do not apply migrations at start-up (run `orderpush migrate` separately).
     #[arg(long, env = "ORDERPUSH_NO_MIGRATE")]
     pub no_migrate: bool,
-    /// Failed authentications one client address may make per minute before it is answered
-    /// 429 for a minute; 0 turns the limit off (e.g. behind a proxy that hides client addresses).
+    /// Failed authentications one client address may make per minute before its bad credentials
+    /// are answered 429 for a minute (valid ones still pass); 0 turns the limit off (e.g. behind
+    /// a proxy that hides client addresses).
     #[arg(long, env = "ORDERPUSH_AUTH_FAILURE_LIMIT", default_value_t = crate::http::auth::AUTH_FAILURE_LIMIT)]
     pub auth_failure_limit: u32,
 }
@@ -213,7 +215,7 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a key by its id; its live connections close within seconds.
+    /// Revoke a key by its id; every instance refuses it and closes its sockets within a second.
     Revoke {
         /// The key's public id (see `keys list`).
         id: String,
@@ -286,7 +288,9 @@ pub struct Tuning {
     pub client_queue_bytes: usize,
     /// Frames a client may have queued before it is disconnected with 1013.
     pub client_queue_frames: usize,
-    /// How often connected keys are re-checked for revocation (contract: closed within 5 s).
+    /// How often every cached and connected key is re-checked for revocation: the safety net
+    /// behind the key-change notifications (contract: closed within 5 s). Must stay well under
+    /// [`crate::http::auth::REVOCATION_FRESHNESS`], since these checks keep the cache trusted.
     pub revocation_check_interval: Duration,
     /// How often retention runs in `serve`.
     pub prune_interval: Duration,
@@ -297,6 +301,11 @@ pub struct Tuning {
     pub auth_failure_limit: u32,
     /// How long an address over that limit is answered 429.
     pub auth_cooldown: Duration,
+    /// A socket with frames to send that completes no write for this long is closed with 1013.
+    pub drain_timeout: Duration,
+    /// Longest replay from the event log, in events; a longer one is answered with
+    /// `resync_required` (`replay_too_long`) instead.
+    pub max_replay_rows: i64,
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
@@ -308,11 +317,19 @@ pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
 pub const CLIENT_QUEUE_BYTES: usize = 1 << 20;
 /// Frame-count bound alongside the byte bound, so tiny frames cannot pile up without limit.
 pub const CLIENT_QUEUE_FRAMES: usize = 4096;
-/// Revocation must close sockets within 5 s (contract §5); checking every 2 s leaves slack for a
-/// slow query and the close handshake.
+/// Key changes arrive by notification within milliseconds; this periodic check catches the ones
+/// that did not (the watcher reconnecting, a skipped notify) within the contract's 5 s, with slack
+/// for a slow query and the close handshake, and five of them fit in the 10 s freshness window.
 pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Retention is coarse (hours); deleting every 5 minutes keeps each batch small.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+/// A socket that has something to send (a queued frame or a write in progress) and completes no
+/// write for 30 s is closed with 1013, even if its queue never overflows: a peer that stopped
+/// reading with a large frame pending would otherwise hold its task, its write buffer and its
+/// queue until TCP gives up (hours). 30 s is far longer than any live link needs to take a
+/// maximal frame (1 MiB) at 35 KB/s, and shorter than the 60 s ping timeout, which a stuck
+/// writer cannot act on.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -326,6 +343,8 @@ impl Default for Tuning {
             presence_interval: crate::presence::FLUSH_INTERVAL,
             auth_failure_limit: crate::http::auth::AUTH_FAILURE_LIMIT,
             auth_cooldown: crate::http::auth::AUTH_COOLDOWN,
+            drain_timeout: DRAIN_TIMEOUT,
+            max_replay_rows: crate::http::ws::MAX_REPLAY_ROWS,
         }
     }
 }

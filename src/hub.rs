@@ -1,15 +1,17 @@
 //! Per-tenant fan-out: the listener hands each committed event to every socket of its tenant,
 //! through one bounded queue per socket, so a slow POS never delays the listener or other POS.
 //! The hub also keeps each tenant's most recent frames, so a POS that reconnects with `since`
-//! (after a blip, or all 10k at once after a restart) is served from memory, not the database.
+//! (after a blip, or all 10k at once after a restart) is served from memory, not the database,
+//! and watches that every socket with something to send keeps draining.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -34,6 +36,8 @@ pub enum KickReason {
     SlowConsumer,
     /// The key was revoked: close 1008.
     KeyRevoked,
+    /// It had something to send and completed no write for the drain timeout: close 1013.
+    Stalled,
 }
 
 /// One socket's queue and its "stop now" signal, shared by the hub (producer) and the socket
@@ -50,6 +54,10 @@ struct Mailbox {
     kick: Notify,
     /// 0 = not kicked, else a [`KickReason`] code.
     kicked: AtomicU8,
+    /// Writes the socket task completed (wrapping): the progress the drain watch looks for.
+    writes: AtomicU32,
+    /// True while the socket task is writing to its socket.
+    writing: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -60,9 +68,18 @@ struct Queue {
 
 impl Mailbox {
     /// Queues a frame unless that would exceed either bound; false means "too slow".
+    ///
+    /// An empty queue takes any frame, whatever the bounds: frames are at most
+    /// `event::MAX_FRAME_BYTES` (plus nothing: the envelope is included), and a byte bound
+    /// smaller than one frame would cut every socket of the tenant on that frame, and again on
+    /// every resume (a disconnect loop). So a queue holds at most
+    /// `max(max_bytes, one maximal frame)`; the frame's bytes are shared with every other
+    /// socket's queue, not copied.
     fn push(&self, frame: &Frame, max_bytes: usize, max_frames: usize) -> bool {
         let mut q = lock(&self.queue);
-        if q.frames.len() >= max_frames || q.bytes + frame.text.len() > max_bytes {
+        let fits = q.frames.is_empty()
+            || (q.frames.len() < max_frames && q.bytes + frame.text.len() <= max_bytes);
+        if !fits {
             return false;
         }
         q.bytes += frame.text.len();
@@ -87,6 +104,7 @@ impl Mailbox {
         let code = match reason {
             KickReason::SlowConsumer => 1,
             KickReason::KeyRevoked => 2,
+            KickReason::Stalled => 3,
         };
         if self
             .kicked
@@ -101,8 +119,14 @@ impl Mailbox {
         match self.kicked.load(Ordering::Acquire) {
             0 => None,
             1 => Some(KickReason::SlowConsumer),
-            _ => Some(KickReason::KeyRevoked),
+            2 => Some(KickReason::KeyRevoked),
+            _ => Some(KickReason::Stalled),
         }
+    }
+
+    /// True when the socket has something to send: a frame queued or a write in progress.
+    fn has_work(&self) -> bool {
+        self.writing.load(Ordering::Acquire) || !lock(&self.queue).frames.is_empty()
     }
 }
 
@@ -110,14 +134,45 @@ impl Mailbox {
 struct Client {
     mailbox: Arc<Mailbox>,
     key_id: Arc<str>,
+    drain: DrainWatch,
 }
+
+/// What the drain watch remembers of one socket between its looks (owned by the hub, under
+/// the tenant's lock; the socket task only bumps atomics).
+#[derive(Debug, Default)]
+struct DrainWatch {
+    /// The socket's write count at the last look.
+    seen_writes: u32,
+    /// Since when it has had work and made no progress, as first seen by a look.
+    stalled_since: Option<Instant>,
+}
+
+impl DrainWatch {
+    /// Looks at the socket at `now`; true when it has had something to send and completed no
+    /// write for at least `timeout`.
+    fn stalled(&mut self, mailbox: &Mailbox, now: Instant, timeout: Duration) -> bool {
+        let writes = mailbox.writes.load(Ordering::Acquire);
+        if writes != self.seen_writes || !mailbox.has_work() {
+            self.seen_writes = writes;
+            self.stalled_since = None;
+            return false;
+        }
+        let since = *self.stalled_since.get_or_insert(now);
+        now.saturating_duration_since(since) >= timeout
+    }
+}
+
+/// How often the drain watch looks at every socket ([`watch_drains`]): the drain timeout is
+/// enforced to within two of these, for a few microseconds of locking per thousand sockets.
+pub const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Recent frames kept per tenant for resuming from memory. 64 frames is minutes of a busy
 /// kitchen's traffic, which covers a reconnect after a network blip or a restart.
 pub const RECENT_FRAMES: usize = 64;
 /// Byte cap of one tenant's recent frames: with orders of ~1 KB the frame cap binds first; a
-/// burst of very large events shortens the history instead of growing memory. Worst case the
-/// hub holds `tenants × 64 KiB`.
+/// burst of very large events shortens the history instead of growing memory, and a frame
+/// larger than the cap is not kept at all (resumes across it read the log). Worst case the hub
+/// holds `tenants × 64 KiB`.
 pub const RECENT_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
@@ -255,6 +310,18 @@ impl Subscription {
     pub fn kick_reason(&self) -> Option<KickReason> {
         self.mailbox.reason()
     }
+
+    /// The socket task starts writing to its socket: until [`Subscription::write_done`], the
+    /// drain watch expects it to finish within the drain timeout.
+    pub fn write_started(&self) {
+        self.mailbox.writing.store(true, Ordering::Release);
+    }
+
+    /// The socket task finished a write: progress.
+    pub fn write_done(&self) {
+        self.mailbox.writes.fetch_add(1, Ordering::AcqRel);
+        self.mailbox.writing.store(false, Ordering::Release);
+    }
 }
 
 impl Drop for Subscription {
@@ -296,6 +363,7 @@ impl Hub {
         let entry = Client {
             mailbox: Arc::clone(&mailbox),
             key_id: Arc::from(key_id),
+            drain: DrainWatch::default(),
         };
         let replay = {
             let mut map = lock(&self.tenants);
@@ -422,23 +490,54 @@ impl Hub {
         ids
     }
 
-    /// Ends every socket authenticated with one of these keys; returns how many.
-    pub fn kick_keys(&self, key_ids: &[String], reason: KickReason) -> usize {
+    /// Kicks, with [`KickReason::KeyRevoked`], every socket whose key is in `tenant_of` and whose
+    /// tenant is not the one that key may read now (`None`: revoked or deleted, so all of its
+    /// sockets). One pass over all sockets, whatever the number of keys. Returns how many.
+    pub fn kick_keys_off_tenant(&self, tenant_of: &HashMap<&str, Option<&str>>) -> usize {
+        if tenant_of.is_empty() {
+            return 0;
+        }
         let map = lock(&self.tenants);
         let mut n = 0;
-        for t in map.values() {
+        for (tenant, t) in map.iter() {
             let mut t = lock(t);
-            t.clients.retain(|_, c| {
-                if key_ids.iter().any(|k| **k == *c.key_id) {
-                    c.mailbox.fire(reason);
+            t.clients.retain(|_, c| match tenant_of.get(&*c.key_id) {
+                Some(allowed) if *allowed != Some(&**tenant) => {
+                    c.mailbox.fire(KickReason::KeyRevoked);
                     n += 1;
                     false
-                } else {
-                    true
                 }
+                _ => true,
             });
         }
         n
+    }
+
+    /// Kicks every socket that has had something to send (a queued frame or a write in
+    /// progress) and completed no write for `timeout`, as seen by successive calls (one per
+    /// [`DRAIN_CHECK_INTERVAL`]); returns how many. A peer that stopped reading with a large
+    /// frame pending is cut this way even though its queue never overflows.
+    pub fn check_drains(&self, now: Instant, timeout: Duration) -> usize {
+        // Not holding the map lock while looking: subscribing and publishing go on meanwhile.
+        let tenants: Vec<Arc<Mutex<Tenant>>> = lock(&self.tenants).values().cloned().collect();
+        let mut kicked = 0;
+        for t in tenants {
+            lock(&t).clients.retain(|_, c| {
+                if c.mailbox.reason().is_some() {
+                    return false;
+                }
+                if c.drain.stalled(&c.mailbox, now, timeout) {
+                    c.mailbox.fire(KickReason::Stalled);
+                    kicked += 1;
+                    return false;
+                }
+                true
+            });
+        }
+        self.metrics
+            .drain_timeouts
+            .fetch_add(kicked as u64, Ordering::Relaxed);
+        kicked
     }
 
     /// Sockets of one tenant on this instance.
@@ -451,6 +550,29 @@ impl Hub {
     /// The metrics this hub reports to.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+}
+
+/// Runs [`Hub::check_drains`] every [`DRAIN_CHECK_INTERVAL`] (or a quarter of a shortened
+/// `timeout`) until `shutdown`.
+pub async fn watch_drains(hub: Arc<Hub>, timeout: Duration, shutdown: CancellationToken) {
+    let every = DRAIN_CHECK_INTERVAL
+        .min(timeout / 4)
+        .max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let kicked = hub.check_drains(Instant::now(), timeout);
+        if kicked > 0 {
+            tracing::info!(
+                kicked,
+                "closing sockets that drained nothing for {timeout:?} (close 1013)"
+            );
+        }
     }
 }
 
@@ -516,14 +638,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn revoked_keys_are_kicked() {
+    async fn revoked_and_moved_keys_are_kicked_off_the_tenants_they_left() {
         let hub = Hub::new(1024, 16, DAY, Arc::default());
-        let tenant: Arc<str> = Arc::from("kitchen");
-        let (a, _) = hub.subscribe(&tenant, "k1", None);
-        let (b, _) = hub.subscribe(&tenant, "k2", None);
-        assert_eq!(hub.kick_keys(&["k1".into()], KickReason::KeyRevoked), 1);
-        assert_eq!(a.kick_reason(), Some(KickReason::KeyRevoked));
-        assert_eq!(b.kick_reason(), None);
+        let kitchen: Arc<str> = Arc::from("kitchen");
+        let bistro: Arc<str> = Arc::from("bistro");
+        let (revoked, _) = hub.subscribe(&kitchen, "k1", None);
+        let (untouched, _) = hub.subscribe(&kitchen, "k2", None);
+        let (moved_away, _) = hub.subscribe(&kitchen, "k3", None);
+        let (moved_here, _) = hub.subscribe(&bistro, "k3", None);
+        let states = HashMap::from([("k1", None), ("k3", Some("bistro"))]);
+        assert_eq!(hub.kick_keys_off_tenant(&states), 2);
+        assert_eq!(revoked.kick_reason(), Some(KickReason::KeyRevoked));
+        assert_eq!(moved_away.kick_reason(), Some(KickReason::KeyRevoked));
+        assert_eq!(untouched.kick_reason(), None);
+        assert_eq!(moved_here.kick_reason(), None);
+        assert_eq!(
+            hub.connected_key_ids(),
+            vec!["k2".to_string(), "k3".to_string()]
+        );
     }
 
     #[test]
@@ -602,5 +734,87 @@ mod tests {
             None,
             "too big to keep"
         );
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_takes_a_maximal_frame_and_a_full_one_does_not() {
+        let hub = Hub::new(
+            crate::config::CLIENT_QUEUE_BYTES,
+            crate::config::CLIENT_QUEUE_FRAMES,
+            DAY,
+            Arc::default(),
+        );
+        let tenant: Arc<str> = Arc::from("kitchen");
+        let (sub, _) = hub.subscribe(&tenant, "k1", None);
+        // Larger than the queue's byte bound on its own: still taken, the queue being empty.
+        let big = "b".repeat(crate::event::MAX_FRAME_BYTES + 100);
+        assert_eq!(
+            hub.publish("kitchen", &frame(1, &big)),
+            Delivery { sent: 1, failed: 0 }
+        );
+        assert_eq!(sub.recv().await.text.len(), big.len());
+        assert_eq!(hub.publish("kitchen", &frame(2, &big)).sent, 1);
+        // Behind a queued maximal frame, even a small one is over the bound: too slow.
+        assert_eq!(hub.publish("kitchen", &frame(3, "x")).failed, 1);
+        assert_eq!(sub.kick_reason(), Some(KickReason::SlowConsumer));
+    }
+
+    #[test]
+    fn a_socket_with_work_and_no_progress_is_kicked_after_the_drain_timeout() {
+        let hub = Hub::new(1 << 20, 1024, DAY, Arc::default());
+        let tenant: Arc<str> = Arc::from("kitchen");
+        let timeout = Duration::from_secs(30);
+        let (idle, _) = hub.subscribe(&tenant, "idle", None);
+        let (stuck_queue, _) = hub.subscribe(&tenant, "queue", None);
+        let (stuck_write, _) = hub.subscribe(&tenant, "write", None);
+        let (busy, _) = hub.subscribe(&tenant, "busy", None);
+        let t0 = Instant::now();
+        assert_eq!(hub.check_drains(t0, timeout), 0);
+        // Every socket but `idle` gets a frame; `stuck_write` takes it and never finishes
+        // writing it; `busy` writes one frame per look; `stuck_queue` never takes it.
+        hub.publish("kitchen", &frame(1, "x"));
+        drop(idle.mailbox.pop());
+        drop(stuck_write.mailbox.pop());
+        stuck_write.write_started();
+        busy.write_started();
+        for step in 1..=31 {
+            busy.write_done();
+            busy.write_started();
+            let now = t0 + Duration::from_secs(step);
+            let kicked = hub.check_drains(now, timeout);
+            // First seen stalled at step 1: kicked when 30 s have passed since.
+            assert_eq!(kicked, if step == 31 { 2 } else { 0 }, "at {step} s");
+        }
+        assert_eq!(stuck_queue.kick_reason(), Some(KickReason::Stalled));
+        assert_eq!(stuck_write.kick_reason(), Some(KickReason::Stalled));
+        assert_eq!(busy.kick_reason(), None);
+        assert_eq!(idle.kick_reason(), None);
+        assert_eq!(hub.tenant_connections("kitchen"), 2);
+        assert_eq!(hub.metrics().drain_timeouts.load(Ordering::Relaxed), 2);
+        // Progress resets the clock: a socket that finished its write is not stalled.
+        busy.write_done();
+        assert_eq!(hub.check_drains(t0 + Duration::from_secs(120), timeout), 0);
+    }
+
+    #[test]
+    fn history_stays_bounded_with_maximal_frames() {
+        let hub = Hub::new(1 << 20, 1024, DAY, Arc::default());
+        let tenant: Arc<str> = Arc::from("kitchen");
+        hub.reset("kitchen", 0, vec![]);
+        let big = "b".repeat(crate::event::MAX_FRAME_BYTES);
+        for id in 1..=3 {
+            hub.publish("kitchen", &frame(id, &big));
+        }
+        {
+            let map = lock(&hub.tenants);
+            let t = lock(&map["kitchen"]);
+            assert!(t.recent.is_empty(), "a frame over RECENT_BYTES is not kept");
+            assert_eq!((t.recent_bytes, t.last_id), (0, Some(3)));
+        }
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(2)).1), None, "the log");
+        // Small frames after it are kept again, and served.
+        hub.publish("kitchen", &frame(4, "x"));
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(3)).1), Some(vec![4]));
+        assert_eq!(ids(hub.subscribe(&tenant, "k", Some(2)).1), None);
     }
 }

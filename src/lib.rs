@@ -21,6 +21,7 @@
 //! - [`http`]: the axum routes (`/ws/pos/{tenant}`, `/broadcast`, health, metrics).
 //! - [`metrics`]: counters and histograms rendered in Prometheus text format.
 //! - [`presence`]: which terminals are connected to which instance, shared through the database.
+//! - [`revocation`]: the LISTEN connection for key changes; closes revoked keys' sockets.
 //! - [`activity`]: recent events and rates for the status page (in memory, bounded).
 //! - [`server`]: wires everything together and runs until shutdown.
 //! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
@@ -34,6 +35,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod presence;
+pub mod revocation;
 pub mod sequencer;
 pub mod server;
 pub mod tail;

@@ -7,12 +7,15 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::event::ResyncReason;
+
 /// Why a POS socket ended; a label of `orderpush_disconnects_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisconnectReason {
     /// The client closed or the TCP connection broke.
     Client,
-    /// The client's queue overflowed (close code 1013).
+    /// The client's queue overflowed, or it drained nothing for the drain timeout (close code
+    /// 1013; the latter are also counted by `orderpush_drain_timeouts_total`).
     SlowConsumer,
     /// Its key was revoked.
     KeyRevoked,
@@ -68,6 +71,16 @@ fn type_index(kind: &str) -> usize {
         .unwrap_or(KNOWN_TYPES.len() - 1)
 }
 
+/// `resync_required` reasons with their own label value, in the order of the counters.
+const RESYNC_REASONS: [ResyncReason; 6] = [
+    ResyncReason::Retention,
+    ResyncReason::ReplayTooLong,
+    ResyncReason::BadEvent,
+    ResyncReason::EmitFailed,
+    ResyncReason::LogRewound,
+    ResyncReason::Suppressed,
+];
+
 /// Upper bounds (seconds) of the delivery-lag histogram: from sub-millisecond to the listener's
 /// slowest safety-net poll and beyond.
 const LAG_BUCKETS: [f64; 12] = [
@@ -84,6 +97,8 @@ pub struct Metrics {
     disconnects: [AtomicU64; 7],
     /// WebSocket upgrades refused for a missing, unknown or revoked key (401) or a wrong tenant (403).
     pub auth_failures: AtomicU64,
+    /// POS keys looked up in the database (keys found in the key cache need none).
+    pub key_lookups: AtomicU64,
     events_db: [AtomicU64; 6],
     events_broadcast: [AtomicU64; 6],
     /// Event frames written to sockets (replay included).
@@ -94,8 +109,12 @@ pub struct Metrics {
     pub resumes_from_memory: AtomicU64,
     /// Resumes (`?since=`) that had to read the event log.
     pub resumes_from_database: AtomicU64,
-    /// `resync_required` frames sent because `since` could not be honoured.
-    pub resyncs: AtomicU64,
+    /// `resync_required` frames a socket sent because its `since` could not be honoured, by
+    /// reason (see [`Metrics::resync`]).
+    resyncs: [AtomicU64; 6],
+    /// Sockets cut because they had something to send and completed no write for the drain
+    /// timeout (`config::DRAIN_TIMEOUT`); counted when the hub kicks them.
+    pub drain_timeouts: AtomicU64,
     /// /broadcast requests answered 200.
     pub broadcasts_accepted: AtomicU64,
     /// /broadcast requests answered 4xx/5xx.
@@ -150,6 +169,13 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.disconnects[i].load(Relaxed) as f64
+    }
+
+    /// Counts one `resync_required` a socket sent instead of a replay.
+    pub fn resync(&self, reason: ResyncReason) {
+        if let Some(i) = RESYNC_REASONS.iter().position(|r| *r == reason) {
+            self.resyncs[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// Counts one event read from the log, by origin and type.
@@ -225,7 +251,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 19] = [
+        let counters: [(&str, &str, f64); 20] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -235,6 +261,11 @@ impl Metrics {
                 "orderpush_auth_failures_total",
                 "WebSocket upgrades refused with 401 or 403.",
                 load(&self.auth_failures),
+            ),
+            (
+                "orderpush_key_lookups_total",
+                "POS keys looked up in the database (cache misses).",
+                load(&self.key_lookups),
             ),
             (
                 "orderpush_frames_sent_total",
@@ -257,9 +288,9 @@ impl Metrics {
                 load(&self.resumes_from_database),
             ),
             (
-                "orderpush_resyncs_total",
-                "resync_required frames sent.",
-                load(&self.resyncs),
+                "orderpush_drain_timeouts_total",
+                "Sockets closed with 1013 because they drained nothing for the drain timeout.",
+                load(&self.drain_timeouts),
             ),
             (
                 "orderpush_broadcasts_accepted_total",
@@ -318,7 +349,7 @@ impl Metrics {
             ),
             (
                 "orderpush_slow_client_disconnects_total",
-                "Sockets closed with 1013 because their queue was full.",
+                "Sockets closed with 1013: their queue was full, or they drained nothing for the drain timeout.",
                 self.disconnect_count(DisconnectReason::SlowConsumer),
             ),
         ];
@@ -343,6 +374,18 @@ impl Metrics {
                 out,
                 "orderpush_disconnects_total{{reason=\"{}\"}} {}",
                 reason.label(),
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP orderpush_resyncs_total resync_required frames sent instead of a replay, by reason.\n# TYPE orderpush_resyncs_total counter"
+        );
+        for (reason, n) in RESYNC_REASONS.iter().zip(&self.resyncs) {
+            let _ = writeln!(
+                out,
+                "orderpush_resyncs_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
                 n.load(Relaxed)
             );
         }

@@ -255,6 +255,12 @@ impl Presence {
                 .is_none_or(|first| *first >= self.info.id)
     }
 
+    /// Time since the last successful flush (a round trip to the database on presence's own
+    /// connection); `None` before the first.
+    pub fn last_flush_age(&self) -> Option<Duration> {
+        self.lock_view().synced_at.map(|t| t.elapsed())
+    }
+
     /// Live instances seen at the last flush (0 before the first).
     pub fn live_instances(&self) -> usize {
         self.lock_view().instances.len()

@@ -1,5 +1,5 @@
 //! Wires the service together and runs it until shutdown: migrations, the pool, the listener,
-//! the hub, the background jobs (revocation checks, retention, presence) and the HTTP server.
+//! the hub, the background jobs (revocation watcher, retention, presence) and the HTTP server.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,12 +13,13 @@ use tracing::{info, warn};
 
 use crate::activity::Activity;
 use crate::config::Tuning;
-use crate::db::{self, DbError, events, keys};
-use crate::http::{self, AppState, Shared, auth::KeyCache, broadcast};
-use crate::hub::{Frame, Hub, KickReason, RECENT_FRAMES};
+use crate::db::{self, DbError, events};
+use crate::http::{self, AppState, Shared, auth, auth::KeyCache, broadcast};
+use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
 use crate::presence::{self, InstanceInfo, Presence};
+use crate::revocation;
 use crate::sequencer::{Sequencer, SequencerHealth};
 
 /// After shutdown starts, how long sockets get to send their 1001 close frames and background
@@ -156,10 +157,16 @@ pub async fn run(
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
-    let broadcasts = broadcast::Writer::spawn(pool.clone(), waiters, &tracker);
+    // Its own pool: no amount of replays, logins or scrapes can keep a broadcast from a
+    // connection.
+    let broadcasts =
+        broadcast::Writer::spawn(db::writer_pool(&config.database)?, waiters, &tracker);
 
     let state = AppState::new(Shared {
         pool: pool.clone(),
+        replays: db::PoolShare::new(pool.clone(), db::REPLAY_CONNECTIONS),
+        admin_db: db::PoolShare::new(pool.clone(), db::ADMIN_CONNECTIONS),
+        db_gauges: Arc::default(),
         hub,
         metrics,
         listener: listener_health,
@@ -173,7 +180,13 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
-    tracker.spawn(revocation_loop(state.clone()));
+    tracker.spawn(revocation::run(state.clone(), config.database.clone()));
+    tracker.spawn(http::status::refresh_gauges(state.clone()));
+    tracker.spawn(hub::watch_drains(
+        Arc::clone(&state.hub),
+        state.tuning.drain_timeout,
+        shutdown.clone(),
+    ));
     tracker.spawn(retention_loop(
         pool,
         config.retention,
@@ -182,6 +195,13 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    for warning in auth::exposure_warnings(
+        listener.local_addr()?,
+        config.broadcast_token.is_some(),
+        config.admin_token.is_some(),
+    ) {
+        warn!("{warning}");
+    }
     info!(addr = %listener.local_addr()?, "orderpush listening");
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
@@ -197,39 +217,6 @@ pub async fn run(
     }
     info!("orderpush stopped");
     Ok(())
-}
-
-/// Closes sockets whose key was revoked (or deleted), on every instance: the truth is the
-/// `api_keys` table, checked on an interval, not an in-process event.
-async fn revocation_loop(state: AppState) {
-    let mut tick = tokio::time::interval(state.tuning.revocation_check_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let mut ids = state.hub.connected_key_ids();
-        ids.extend(state.keys.cached_ids());
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.is_empty() {
-            continue;
-        }
-        let inactive = match state.pool.get().await {
-            Ok(client) => keys::inactive(&**client, &ids).await,
-            Err(e) => Err(e.into()),
-        };
-        match inactive {
-            Ok(gone) if !gone.is_empty() => {
-                state.keys.evict(&gone);
-                let closed = state.hub.kick_keys(&gone, KickReason::KeyRevoked);
-                info!(keys = ?gone, closed, "closed connections of revoked keys");
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "revocation check failed; retrying"),
-        }
-    }
 }
 
 /// Deletes events past the retention now and then every `interval`.

@@ -1,6 +1,7 @@
 //! Integration tests: the real server, a fresh Postgres database per test, real clients.
 
 mod admin;
+mod big_frames;
 mod broadcast;
 mod browser_auth;
 mod chaos;
@@ -10,9 +11,11 @@ mod dba;
 mod events;
 mod faults;
 mod fuzz;
+mod isolation;
 mod ops_logs;
 mod presence;
 mod protocol;
+mod replay;
 mod resilience;
 mod restart;
 mod resume;

@@ -115,17 +115,6 @@ pub async fn start(client: &impl GenericClient) -> Result<(i64, Vec<(String, i64
     Ok((batch, heads))
 }
 
-/// A tenant's latest id (0 when it never had an event).
-pub async fn head(client: &impl GenericClient, tenant: &str) -> Result<i64, DbError> {
-    let row = client
-        .query_opt(
-            "SELECT seq FROM orderpush.heads WHERE tenant_slug = $1",
-            &[&tenant],
-        )
-        .await?;
-    Ok(row.map_or(0, |r| r.get(0)))
-}
-
 /// The listener's statements, prepared once per connection: under load they run hundreds of
 /// times a second, and parsing and planning them each time would cost more than running them.
 pub struct FollowQueries {
@@ -249,18 +238,46 @@ pub async fn recent(
     Ok(rows.iter().map(|r| event_from_row(r, None)).collect())
 }
 
-/// A tenant's events with `id > after`, in order, at most `limit`.
+/// A tenant's latest id (0 when it never had an event) and its oldest retained id (`None` when
+/// the log holds none of its events), in one round trip of two primary-key lookups: what a
+/// replay needs to know before it reads anything.
+pub async fn bounds(
+    client: &impl GenericClient,
+    tenant: &str,
+) -> Result<(i64, Option<i64>), DbError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT seq FROM orderpush.heads WHERE tenant_slug = $1), 0),
+                    (SELECT min(id) FROM orderpush.events WHERE tenant_slug = $1 AND id > 0)",
+            &[&tenant],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// One page of a tenant's replay: its events with `after < id <= upto`, in order, at most
+/// `limit` rows and only as many as start within `max_bytes` of event data (always at least
+/// one), so a page of near-maximal events is as bounded in memory as a page of small ones.
 pub async fn replay(
     client: &impl GenericClient,
     tenant: &Arc<str>,
     after: i64,
+    upto: i64,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Vec<Event>, DbError> {
     let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM orderpush.events e
-         WHERE e.tenant_slug = $1 AND e.id > $2 ORDER BY e.id LIMIT $3"
+        "SELECT {EVENT_COLUMNS} FROM (
+             SELECT x.*, sum(octet_length(x.data::text)) OVER (ORDER BY x.id) AS running
+             FROM orderpush.events x
+             WHERE x.tenant_slug = $1 AND x.id > $2 AND x.id <= $3
+             ORDER BY x.id LIMIT $4) e
+         WHERE e.running - octet_length(e.data::text) < $5
+         ORDER BY e.id"
     );
-    let rows = client.query(&sql, &[&&**tenant, &after, &limit]).await?;
+    let rows = client
+        .query(&sql, &[&&**tenant, &after, &upto, &limit, &max_bytes])
+        .await?;
     Ok(rows
         .iter()
         .map(|r| event_from_row(r, Some(tenant)))

@@ -185,19 +185,31 @@ pub async fn lookup(
     }))
 }
 
-/// Of the given key ids, those that are no longer usable (revoked or deleted).
-pub async fn inactive(client: &impl GenericClient, ids: &[String]) -> Result<Vec<String>, DbError> {
+/// The NOTIFY channel a key change is announced on, with the key id as payload (migration
+/// V4: revoked, moved to another tenant, or deleted).
+pub const CHANGES_CHANNEL: &str = "orderpush_keys";
+
+/// Most ids asked about in one [`tenants_of`] query: bounds the statement's size when many keys
+/// are cached or connected (the caller asks in chunks).
+pub const STATE_QUERY_MAX_IDS: usize = 10_000;
+
+/// For each given key id, the tenant it may read now: `None` when it is revoked or no longer
+/// exists. Every id is answered, in no particular order.
+pub async fn tenants_of(
+    client: &impl GenericClient,
+    ids: &[String],
+) -> Result<Vec<(String, Option<String>)>, DbError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     let rows = client
         .query(
-            "SELECT k.id FROM unnest($1::text[]) AS k(id)
-             WHERE NOT EXISTS (SELECT 1 FROM orderpush.api_keys a WHERE a.id = k.id AND a.revoked_at IS NULL)",
+            "SELECT k.id, a.tenant_slug FROM unnest($1::text[]) AS k(id)
+             LEFT JOIN orderpush.api_keys a ON a.id = k.id AND a.revoked_at IS NULL",
             &[&ids],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 #[cfg(test)]

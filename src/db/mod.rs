@@ -8,14 +8,29 @@ pub mod sequencer;
 pub mod triggers;
 pub mod uninstall;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::Semaphore;
 use tokio_postgres::NoTls;
 
-/// Connections the pool may open. /broadcast batches and replays are short; 16 covers two cores
-/// many times over while staying far below Postgres's default max_connections of 100.
+/// Connections the request pool may open. Replay pages, key lookups and admin queries are
+/// short; 16 covers two cores many times over while staying far below Postgres's default
+/// max_connections of 100.
 pub const POOL_SIZE: usize = 16;
+/// Replays (`?since=` from the event log) may hold at most half the request pool at once
+/// ([`PoolShare`]): however many terminals replay, the other half stays free for key lookups
+/// (logins), admin queries and retention.
+pub const REPLAY_CONNECTIONS: usize = POOL_SIZE / 2;
+/// The admin API, the status page and the background refresh of the `/metrics` database
+/// gauges share this many request-pool connections: enough for an operator and a scraper, and
+/// a flood of admin requests waits (then gets 503) instead of taking the pool.
+pub const ADMIN_CONNECTIONS: usize = 2;
+/// The /broadcast writer's own pool: one connection that nothing else can take, re-opened by
+/// the pool when it breaks. The writer is one task writing one batch at a time, so one is
+/// all it can use.
+pub const WRITER_CONNECTIONS: usize = 1;
 /// How long a request waits for a pooled connection before it is answered 503.
 pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection attempt that has not completed by then is a dead or unreachable server.
@@ -65,20 +80,93 @@ pub fn with_defaults(
 }
 
 /// Builds the request pool (never used for LISTEN: pooled connections drop notifications).
+/// Replays and admin queries reach it only through a [`PoolShare`].
 pub fn pool(config: &tokio_postgres::Config) -> Result<Pool, DbError> {
+    build_pool(config, "orderpush", POOL_SIZE)
+}
+
+/// Builds the /broadcast writer's pool of [`WRITER_CONNECTIONS`], separate from the request
+/// pool, so that no amount of replays, logins or scrapes can keep a broadcast from being
+/// written.
+pub fn writer_pool(config: &tokio_postgres::Config) -> Result<Pool, DbError> {
+    build_pool(config, "orderpush-writer", WRITER_CONNECTIONS)
+}
+
+fn build_pool(
+    config: &tokio_postgres::Config,
+    application_name: &str,
+    size: usize,
+) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
-        with_defaults(config, "orderpush"),
+        with_defaults(config, application_name),
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
     );
     Ok(Pool::builder(manager)
-        .max_size(POOL_SIZE)
+        .max_size(size)
         .wait_timeout(Some(POOL_WAIT_TIMEOUT))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .runtime(Runtime::Tokio1)
         .build()?)
+}
+
+/// A bounded share of the request pool for one kind of work (replays, admin queries): at most
+/// `size` of its connections at once, whatever the demand. Cloning shares the same bound.
+#[derive(Debug, Clone)]
+pub struct PoolShare {
+    pool: Pool,
+    permits: Arc<Semaphore>,
+    size: usize,
+}
+
+impl PoolShare {
+    /// A share of `pool` of at most `size` connections.
+    pub fn new(pool: Pool, size: usize) -> Self {
+        Self {
+            pool,
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+        }
+    }
+
+    /// Runs `work` on a connection of this share. A permit is taken before the connection, so
+    /// waiting callers never hold one; both together are waited for at most
+    /// [`POOL_WAIT_TIMEOUT`] each, and `work` runs for at most `timeout`. A query that times out
+    /// is cancelled on the server and its connection discarded: the pool never hands out a
+    /// connection with someone else's query still running on it.
+    pub async fn run<T>(
+        &self,
+        timeout: Duration,
+        work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let _permit = tokio::time::timeout(POOL_WAIT_TIMEOUT, self.permits.acquire())
+            .await
+            .map_err(|_| DbError::Timeout)?
+            .map_err(|_| DbError::Closed)?;
+        let client = self.pool.get().await?;
+        match tokio::time::timeout(timeout, work(&client)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let cancel = client.cancel_token();
+                drop(deadpool_postgres::Object::take(client));
+                // Deliberately detached: one short request to the server, bounded by the
+                // connect timeout, that must outlive the caller (who has given up).
+                tokio::spawn(async move {
+                    if let Err(e) = cancel.cancel_query(NoTls).await {
+                        tracing::debug!(error = %e, "could not cancel a timed-out query");
+                    }
+                });
+                Err(DbError::Timeout)
+            }
+        }
+    }
+
+    /// Connections of this share in use (or being waited for) now.
+    pub fn in_use(&self) -> usize {
+        self.size - self.permits.available_permits()
+    }
 }
 
 /// Opens one unpooled connection, for the CLI and the migrator. The connection driver runs on a

@@ -227,19 +227,18 @@ pub async fn connections(
         .collect())
 }
 
-/// Runs a query on a pooled connection within [`QUERY_TIMEOUT`].
+/// Runs a query on the admin share of the pool (`db::ADMIN_CONNECTIONS`, so a flood of admin
+/// requests cannot take the connections logins need) within [`QUERY_TIMEOUT`]; a query that
+/// times out is cancelled and answered 503.
 pub async fn with_client<T, F>(state: &AppState, f: F) -> Result<T, Error>
 where
     F: AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, DbError>,
 {
-    let work = async {
-        let client = state.pool.get().await.map_err(DbError::from)?;
-        f(&client).await
-    };
-    match tokio::time::timeout(QUERY_TIMEOUT, work).await {
-        Ok(r) => r.map_err(Error::from),
-        Err(_) => Err(Error::Unavailable),
-    }
+    state
+        .admin_db
+        .run(QUERY_TIMEOUT, f)
+        .await
+        .map_err(Error::from)
 }
 
 async fn tenants(

@@ -1,10 +1,13 @@
-//! Authentication helpers: the POS key cache, the operator-token rule shared by /broadcast
-//! and the admin endpoints, and the failed-authentication limiter (429 for an address that
-//! keeps presenting bad credentials).
+//! Authentication: the operator rule shared by /broadcast, /admin and /status (a token, or a
+//! caller that is really local), POS key verification through the key cache, and the middleware
+//! that charges bad credentials to the caller's address and throttles it (429).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+pub mod key_cache;
+pub mod limiter;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -14,64 +17,28 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::Error;
-use crate::config::Tuning;
-use crate::db::DbError;
-use crate::db::keys::{self, KeyIdentity};
+pub use key_cache::{KEY_CACHE_MAX, KEY_CACHE_TTL, KeyCache, REVOCATION_FRESHNESS, VerifiedKey};
+pub use limiter::{
+    AUTH_COOLDOWN, AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW, AUTH_LIMITER_MAX_ADDRESSES,
+    AuthLimiter, BLOCKED_LOOKUP_INTERVAL, limiter_key,
+};
 
-/// How long a successful key lookup is reused. Revocation does not wait for it: the revocation
-/// check evicts revoked keys and closes their sockets within seconds.
-pub const KEY_CACHE_TTL: Duration = Duration::from_secs(60);
-/// Most cached keys; past it the cache starts over (a few MB at most, and a flood of distinct
-/// valid keys is not a realistic load).
-pub const KEY_CACHE_MAX: usize = 100_000;
+use super::{AppState, Error};
+use crate::db::keys;
 
-/// Active keys by hash, so a reconnect storm costs no database query per connection.
-#[derive(Debug, Default)]
-pub struct KeyCache {
-    entries: Mutex<HashMap<[u8; 32], (KeyIdentity, Instant)>>,
-}
+/// Headers a proxy adds to say whom it forwards for. A request carrying any of them came through
+/// a proxy, so its loopback peer address says nothing about the real caller.
+pub const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
 
-impl KeyCache {
-    /// Resolves a presented key: from the cache, else from the database (and caches it).
-    /// Unknown keys are not cached, so a key created a moment ago works at once.
-    pub async fn resolve(
-        &self,
-        pool: &deadpool_postgres::Pool,
-        secret: &str,
-    ) -> Result<Option<KeyIdentity>, DbError> {
-        let hash = keys::hash(secret);
-        if let Some((identity, at)) = self.lock().get(&hash) {
-            if at.elapsed() < KEY_CACHE_TTL {
-                return Ok(Some(identity.clone()));
-            }
-        }
-        let client = pool.get().await?;
-        let found = keys::lookup(&**client, &hash).await?;
-        if let Some(identity) = &found {
-            let mut entries = self.lock();
-            if entries.len() >= KEY_CACHE_MAX {
-                entries.clear();
-            }
-            entries.insert(hash, (identity.clone(), Instant::now()));
-        }
-        Ok(found)
-    }
+/// Response marker: this 401/403 is not a credential failure (e.g. a caller refused for not being
+/// local), so the limiter does not count it.
+#[derive(Debug, Clone, Copy)]
+pub struct NotCounted;
 
-    /// Ids of every cached key, for the revocation check.
-    pub fn cached_ids(&self) -> Vec<String> {
-        self.lock().values().map(|(k, _)| k.id.clone()).collect()
-    }
-
-    /// Forgets these keys.
-    pub fn evict(&self, ids: &[String]) {
-        self.lock().retain(|_, (k, _)| !ids.contains(&k.id));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (KeyIdentity, Instant)>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+/// Response marker: the database refused this key; its fingerprint lets the limiter recognise
+/// the same bad key from the same address without another lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct BadKey(pub u64);
 
 /// Compares two secrets in time independent of where they differ: both are hashed first, so
 /// even their lengths are not compared directly.
@@ -84,10 +51,10 @@ pub fn secrets_match(presented: &str, expected: &str) -> bool {
         == 0
 }
 
-/// The operator-endpoint rule (contract §4 for /broadcast, reused for /admin and /status): a
-/// configured token must be presented as `Authorization: Bearer <token>` (401 otherwise);
-/// without a configured token only callers on the loopback interface are accepted (403
-/// otherwise). `what` names the endpoint group in the messages.
+/// The operator-endpoint rule (/broadcast, and with its own token /admin and /status): a
+/// configured token must be presented as `Authorization: Bearer <token>` (401 otherwise) and
+/// then nothing else matters; without a configured token only local callers are accepted (403
+/// otherwise, see [`local_caller`]). `what` names the endpoint group in the messages.
 pub fn authorize(
     token: Option<&str>,
     peer: SocketAddr,
@@ -109,160 +76,183 @@ pub fn authorize(
                 )),
             }
         }
-        None if is_loopback(peer) => Ok(()),
-        None => Err(Error::Forbidden(format!(
-            "{what} requests are accepted only from loopback unless a {what} token is configured"
-        ))),
+        None => local_caller(peer, headers).map_err(|why| {
+            Error::NotLocal(format!(
+                "{what} requests are accepted only from local callers unless a {what} token is \
+                 configured: {why}"
+            ))
+        }),
     }
+}
+
+/// `Ok` when the caller is on this machine, as far as can be told: a loopback peer, no proxy
+/// header ([`PROXY_HEADERS`]: behind a proxy or TLS terminator on the same host every caller is
+/// a loopback peer), and exactly one `Host` naming this machine ([`is_local_host`]: a browser
+/// tricked by DNS rebinding sends the attacker's host name). A request without `Host` is
+/// refused: HTTP/1.1 requires it, and every real client (curl, browsers, HTTP libraries) sends
+/// one, so its absence says nothing good about the caller. `Err` says why, for the 403.
+pub fn local_caller(peer: SocketAddr, headers: &HeaderMap) -> Result<(), String> {
+    if !is_loopback(peer) {
+        return Err("the caller is not on the loopback interface".into());
+    }
+    if let Some(name) = PROXY_HEADERS.iter().find(|h| headers.contains_key(**h)) {
+        return Err(format!(
+            "the request came through a proxy (it carries {name}); configure a token"
+        ));
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => Err("the request has no Host header".into()),
+        (Some(host), None) if host.to_str().is_ok_and(is_local_host) => Ok(()),
+        _ => Err("its Host is not localhost or an IP address".into()),
+    }
+}
+
+/// True for a `Host` naming this machine without DNS: `localhost` (any case) or an IP literal
+/// (`127.0.0.1`, `[::1]`), each with an optional port. A DNS name, even `localhost.` or
+/// `localhost.example`, could resolve anywhere.
+pub fn is_local_host(host: &str) -> bool {
+    let valid_port = |p: &str| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok();
+    let port_ok = |rest: &str| rest.is_empty() || rest.strip_prefix(':').is_some_and(valid_port);
+    if let Some(bracketed) = host.strip_prefix('[') {
+        return bracketed
+            .split_once(']')
+            .is_some_and(|(ip, rest)| ip.parse::<Ipv6Addr>().is_ok() && port_ok(rest));
+    }
+    let (name, rest) = match host.find(':') {
+        Some(i) => host.split_at(i),
+        None => (host, ""),
+    };
+    port_ok(rest) && (name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok())
 }
 
 /// True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (a dual-stack listener's view of
 /// 127.0.0.1).
 pub fn is_loopback(peer: SocketAddr) -> bool {
     match peer.ip() {
-        std::net::IpAddr::V4(v4) => v4.is_loopback(),
-        std::net::IpAddr::V6(v6) => {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
             v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
     }
 }
 
-/// Failed authentications (answers 401 or 403 on `/ws/pos/...`, `/broadcast`, `/admin/...`
-/// and `/status...`) one address
-/// may make within [`AUTH_FAILURE_WINDOW`] before it is answered 429 for the cooling-off period.
-/// Keys are 256-bit random, so the limit is not what makes guessing hopeless; it stops a
-/// scanner from costing a database lookup per guess and flooding the logs. 50 a minute is far
-/// above what a misconfigured POS reconnecting with any sane backoff (≥ 2 s) produces, so its
-/// siblings behind the same NAT are not locked out by it. Override with `--auth-failure-limit`
-/// (0 turns the limiter off, e.g. behind a proxy that makes every client one address).
-pub const AUTH_FAILURE_LIMIT: u32 = 50;
-/// The window failures are counted in; it restarts with the first failure after it ends.
-pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// How long an address that hit the limit is answered 429 (with `Retry-After`): long enough
-/// to make scanning pointless, short enough that a fixed POS is back within a minute.
-pub const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
-/// Most addresses tracked at once (about 100 bytes each). When full, expired entries are
-/// dropped first; if every entry is live, the table starts over (an attacker needs this many
-/// addresses to do that, and then a per-address limit could not stop it anyway).
-pub const AUTH_LIMITER_MAX_ADDRESSES: usize = 100_000;
-
-#[derive(Debug, Clone, Copy)]
-struct FailureWindow {
-    started: Instant,
-    failures: u32,
-    blocked_until: Option<Instant>,
+/// The start-up warnings for a service reachable beyond this host with an operator token unset:
+/// those endpoints then answer only direct local callers, which is easy to mistake for "open"
+/// (or to open by mistake through a local proxy). One message per unset token; none when
+/// `listen` is a loopback address.
+pub fn exposure_warnings(
+    listen: SocketAddr,
+    broadcast_token_set: bool,
+    admin_token_set: bool,
+) -> Vec<String> {
+    if is_loopback(listen) {
+        return Vec::new();
+    }
+    let unset = [
+        (broadcast_token_set, "--broadcast-token", "POST /broadcast"),
+        (admin_token_set, "--admin-token", "/admin and /status"),
+    ];
+    unset
+        .iter()
+        .filter(|(set, _, _)| !set)
+        .map(|(_, flag, endpoints)| {
+            format!(
+                "listening on {listen}, which is not a loopback address, without {flag}: only \
+                 direct local callers (loopback, no proxy headers, a local Host) may use \
+                 {endpoints}; set {flag} to let other hosts or a reverse proxy in"
+            )
+        })
+        .collect()
 }
 
-/// Counts failed authentications per client address and refuses an address that made too
-/// many, before its credentials are even looked at (so a blocked scanner learns nothing).
-/// Only failures count: any number of successful connections from one address is fine.
+/// A refused POS key: the answer, and the key's fingerprint when the database refused it.
 #[derive(Debug)]
-pub struct AuthLimiter {
-    limit: u32,
-    window: Duration,
-    cooldown: Duration,
-    entries: Mutex<HashMap<IpAddr, FailureWindow>>,
+pub struct KeyRefusal {
+    /// What the client is told.
+    pub error: Error,
+    /// Set when the database said the key is unknown or revoked.
+    pub bad_key: Option<u64>,
 }
 
-impl AuthLimiter {
-    /// A limiter allowing `limit` failures per `window`, then refusing for `cooldown`.
-    /// `limit == 0` never refuses.
-    pub fn new(limit: u32, window: Duration, cooldown: Duration) -> Self {
+impl From<Error> for KeyRefusal {
+    fn from(error: Error) -> Self {
         Self {
-            limit,
-            window,
-            cooldown,
-            entries: Mutex::default(),
+            error,
+            bad_key: None,
         }
-    }
-
-    /// The limiter a server with this tuning uses.
-    pub fn from_tuning(tuning: &Tuning) -> Self {
-        Self::new(
-            tuning.auth_failure_limit,
-            AUTH_FAILURE_WINDOW,
-            tuning.auth_cooldown,
-        )
-    }
-
-    /// `Err(retry_after)` while `addr` is cooling off.
-    pub fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        if self.limit == 0 {
-            return Ok(());
-        }
-        match self
-            .lock()
-            .get(&limiter_key(addr))
-            .and_then(|e| e.blocked_until)
-        {
-            Some(until) if until > now => Err(until - now),
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts one failure; returns true when it starts a cooling-off period.
-    pub fn record_failure(&self, addr: IpAddr, now: Instant) -> bool {
-        if self.limit == 0 {
-            return false;
-        }
-        let key = limiter_key(addr);
-        let mut entries = self.lock();
-        if entries.len() >= AUTH_LIMITER_MAX_ADDRESSES && !entries.contains_key(&key) {
-            entries.retain(|_, e| !self.expired(e, now));
-            if entries.len() >= AUTH_LIMITER_MAX_ADDRESSES {
-                entries.clear();
-            }
-        }
-        let entry = entries.entry(key).or_insert(FailureWindow {
-            started: now,
-            failures: 0,
-            blocked_until: None,
-        });
-        if self.expired(entry, now) {
-            *entry = FailureWindow {
-                started: now,
-                failures: 0,
-                blocked_until: None,
-            };
-        }
-        entry.failures = entry.failures.saturating_add(1);
-        if entry.failures >= self.limit && entry.blocked_until.is_none() {
-            entry.blocked_until = Some(now + self.cooldown);
-            return true;
-        }
-        false
-    }
-
-    /// Neither counting nor cooling off any more.
-    fn expired(&self, e: &FailureWindow, now: Instant) -> bool {
-        match e.blocked_until {
-            Some(until) => until <= now,
-            None => now.duration_since(e.started) >= self.window,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, FailureWindow>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// The address a failure is charged to: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by its /64,
-/// because one IPv6 host typically controls a whole /64 and could rotate within it.
-pub fn limiter_key(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
-        },
+impl IntoResponse for KeyRefusal {
+    fn into_response(self) -> Response {
+        let mut response = self.error.into_response();
+        if let Some(fingerprint) = self.bad_key {
+            response.extensions_mut().insert(BadKey(fingerprint));
+        }
+        response
     }
 }
 
-/// Middleware on the authenticated routes: answers 429 while the caller's address is cooling
-/// off, and counts every 401/403 the route answers against that address.
+/// Verifies a presented POS key (already checked for shape): from the key cache when it may be
+/// trusted, else from the database. A caller whose address is cooling off may cause a lookup
+/// only as [`AuthLimiter::permit_lookup`] allows (429 otherwise). A key the database refused
+/// is 401; a key that cannot be verified because the database is unreachable is 503 with
+/// `Retry-After`, never 401 (a POS stops for good on 401).
+pub async fn verify_key(
+    state: &AppState,
+    caller: Option<&Caller>,
+    secret: &str,
+) -> Result<VerifiedKey, KeyRefusal> {
+    let hash = keys::hash(secret);
+    let generation = match state.keys.cached(&hash) {
+        Ok(verified) => return Ok(verified),
+        Err(generation) => generation,
+    };
+    let fingerprint = limiter::fingerprint(&hash);
+    if let Some(caller) = caller {
+        caller
+            .limiter
+            .permit_lookup(caller.addr, fingerprint, Instant::now())
+            .map_err(|retry_after| Error::TooManyRequests(whole_seconds(retry_after)))?;
+    }
+    state.metrics.key_lookups.fetch_add(1, Ordering::Relaxed);
+    match state.keys.lookup(&state.pool, &hash, generation).await {
+        Ok(Some(verified)) => Ok(verified),
+        Ok(None) => Err(KeyRefusal {
+            error: Error::Unauthorized("invalid API key".into()),
+            bad_key: Some(fingerprint),
+        }),
+        // Whatever failed (no connection, a connection terminated mid-query, a timeout), the key
+        // is not known to be bad: the client must retry, not give up.
+        Err(e) => {
+            warn!(error = %e, "could not look up a POS key; answering 503");
+            Err(Error::KeyUnverifiable(whole_seconds(key_cache::UNVERIFIABLE_RETRY_AFTER)).into())
+        }
+    }
+}
+
+/// The caller's address and the limiter it is charged to, handed to handlers by
+/// [`limit_failed_auth`] as a request extension.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    limiter: Arc<AuthLimiter>,
+    addr: IpAddr,
+}
+
+/// Whole seconds, rounded up, so a client that waits exactly this long is let in.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Middleware on the authenticated routes. Every 401/403 a route answers for bad credentials
+/// (not those marked [`NotCounted`]) is charged to the caller's address; while the address is
+/// cooling off, such answers become 429 with `Retry-After`. Valid credentials pass whatever
+/// the address did, so one broken or hostile client cannot lock out the others behind the same
+/// address; routes that cost a lookup per attempt bound it through [`Caller`].
 pub async fn limit_failed_auth(
     State(limiter): State<Arc<AuthLimiter>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let Some(peer) = request
@@ -272,85 +262,50 @@ pub async fn limit_failed_auth(
     else {
         return next.run(request).await;
     };
-    if let Err(retry_after) = limiter.check(peer, Instant::now()) {
-        // Whole seconds, rounded up, so a client that waits exactly this long is let in.
-        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-        return Error::TooManyRequests(secs).into_response();
-    }
+    let blocked = limiter.check(peer, Instant::now()).is_err();
+    request.extensions_mut().insert(Caller {
+        limiter: Arc::clone(&limiter),
+        addr: peer,
+    });
     let response = next.run(request).await;
-    if matches!(
+    let credential_failure = matches!(
         response.status(),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-    ) && limiter.record_failure(peer, Instant::now())
-    {
+    ) && response.extensions().get::<NotCounted>().is_none();
+    if !credential_failure {
+        return response;
+    }
+    let now = Instant::now();
+    let bad_key = response.extensions().get::<BadKey>().map(|b| b.0);
+    if limiter.record_failure(peer, now, bad_key) {
         warn!(
             addr = %limiter_key(peer),
-            limit = limiter.limit,
-            cooldown = ?limiter.cooldown,
-            "too many failed authentications; answering 429 during the cooldown"
+            limit = limiter.limit(),
+            cooldown = ?limiter.cooldown(),
+            "too many failed authentications; bad credentials from this address are answered 429 during the cooldown"
         );
     }
-    response
+    match limiter.check(peer, now) {
+        Err(retry_after) if blocked => {
+            Error::TooManyRequests(whole_seconds(retry_after)).into_response()
+        }
+        _ => response,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
-    #[test]
-    fn the_limiter_refuses_after_the_limit_until_the_cooldown_ends() {
-        let limiter = AuthLimiter::new(3, Duration::from_secs(60), Duration::from_secs(30));
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let t0 = Instant::now();
-        assert!(!limiter.record_failure(a, t0));
-        assert!(!limiter.record_failure(a, t0));
-        assert!(limiter.check(a, t0).is_ok());
-        assert!(
-            limiter.record_failure(a, t0),
-            "the third failure starts the cooldown"
-        );
-        assert_eq!(limiter.check(a, t0), Err(Duration::from_secs(30)));
-        assert!(
-            limiter.check(b, t0).is_ok(),
-            "other addresses are unaffected"
-        );
-        let later = t0 + Duration::from_secs(30);
-        assert!(limiter.check(a, later).is_ok(), "the cooldown ends");
-        assert!(
-            !limiter.record_failure(a, later),
-            "and counting starts over"
-        );
+    fn peer(s: &str) -> SocketAddr {
+        s.parse().unwrap()
     }
 
-    #[test]
-    fn failures_spread_beyond_the_window_never_trip_the_limiter() {
-        let limiter = AuthLimiter::new(3, Duration::from_secs(60), Duration::from_secs(30));
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let t0 = Instant::now();
-        for i in 0..10u64 {
-            assert!(!limiter.record_failure(a, t0 + Duration::from_secs(31 * i)));
-        }
-        assert!(limiter.check(a, t0 + Duration::from_secs(310)).is_ok());
-    }
-
-    #[test]
-    fn a_zero_limit_turns_the_limiter_off() {
-        let limiter = AuthLimiter::new(0, Duration::from_secs(60), Duration::from_secs(30));
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let t0 = Instant::now();
-        for _ in 0..1000 {
-            assert!(!limiter.record_failure(a, t0));
-        }
-        assert!(limiter.check(a, t0).is_ok());
-    }
-
-    #[test]
-    fn ipv6_is_limited_per_64_and_mapped_ipv4_as_ipv4() {
-        let key = |s: &str| limiter_key(s.parse().unwrap());
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
-        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
-        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
+    fn with_host(host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        h
     }
 
     #[test]
@@ -358,5 +313,93 @@ mod tests {
         assert!(secrets_match("0123456789abcdef", "0123456789abcdef"));
         assert!(!secrets_match("0123456789abcdeX", "0123456789abcdef"));
         assert!(!secrets_match("", "0123456789abcdef"));
+    }
+
+    #[test]
+    fn local_hosts_are_localhost_and_ip_literals() {
+        for ok in [
+            "localhost",
+            "LocalHost:9011",
+            "127.0.0.1",
+            "127.0.0.1:9011",
+            "[::1]",
+            "[::1]:9011",
+            "10.1.2.3:80",
+            "[2001:db8::1]:443",
+        ] {
+            assert!(is_local_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9011",
+            "localhost.",
+            "localhost.evil.example",
+            "localhost:",
+            "localhost:99999",
+            "localhost:90x1",
+            "localhost:9011:1",
+            "127.0.0.1.nip.io",
+            "127.1",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[evil.example]",
+            " localhost",
+        ] {
+            assert!(!is_local_host(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_token_only_truly_local_callers_pass() {
+        let local = with_host("127.0.0.1:9011");
+        assert!(authorize(None, peer("127.0.0.1:5000"), &local, "broadcast").is_ok());
+        assert!(authorize(None, peer("[::ffff:127.0.0.1]:5000"), &local, "broadcast").is_ok());
+        let refused = |peer_addr: &str, headers: &HeaderMap| {
+            let e = authorize(None, peer(peer_addr), headers, "broadcast").unwrap_err();
+            assert!(matches!(e, Error::NotLocal(_)), "{e:?}");
+            assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        };
+        refused("10.0.0.7:5000", &local);
+        refused("[2001:db8::1]:5000", &local);
+        for proxy_header in PROXY_HEADERS {
+            let mut h = local.clone();
+            h.insert(proxy_header, HeaderValue::from_static("203.0.113.7"));
+            refused("127.0.0.1:5000", &h);
+        }
+        refused("127.0.0.1:5000", &with_host("evil.example"));
+        refused("127.0.0.1:5000", &HeaderMap::new());
+        let mut two = local.clone();
+        two.append(header::HOST, HeaderValue::from_static("evil.example"));
+        refused("127.0.0.1:5000", &two);
+    }
+
+    #[test]
+    fn with_a_token_the_token_alone_decides() {
+        let token = "0123456789abcdef";
+        let mut h = with_host("evil.example");
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        let e = authorize(Some(token), peer("127.0.0.1:5000"), &h, "admin").unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        assert!(authorize(Some(token), peer("198.51.100.1:5000"), &h, "admin").is_ok());
+    }
+
+    #[test]
+    fn exposure_is_warned_once_per_unset_token_off_loopback() {
+        let any = peer("0.0.0.0:9011");
+        assert!(exposure_warnings(peer("127.0.0.1:9011"), false, false).is_empty());
+        assert!(exposure_warnings(peer("[::1]:9011"), false, false).is_empty());
+        assert!(exposure_warnings(any, true, true).is_empty());
+        let both = exposure_warnings(any, false, false);
+        assert_eq!(both.len(), 2);
+        assert!(both[0].contains("--broadcast-token") && both[1].contains("--admin-token"));
+        let admin_only = exposure_warnings(peer("[::]:9011"), true, false);
+        assert_eq!(admin_only.len(), 1);
+        assert!(admin_only[0].contains("--admin-token"));
     }
 }

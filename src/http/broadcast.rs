@@ -453,7 +453,8 @@ mod tests {
 
     #[test]
     fn without_a_token_only_loopback_may_broadcast() {
-        let headers = HeaderMap::new();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "127.0.0.1:9011".parse().unwrap());
         let peer = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert!(authorize(None, peer("127.0.0.1:5000"), &headers).is_ok());
         assert!(authorize(None, peer("127.0.0.2:5000"), &headers).is_ok());

@@ -19,6 +19,10 @@ pub enum Error {
     /// 403: valid credentials, not allowed here.
     #[error("{0}")]
     Forbidden(String),
+    /// 403: no token is configured and the caller is not local (not a credential failure: the
+    /// failed-authentication limiter does not count it).
+    #[error("{0}")]
+    NotLocal(String),
     /// 404: the named thing does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -44,6 +48,12 @@ pub enum Error {
         "the connection to the database was lost while committing: the event may or may not have been written; retry with the same Idempotency-Key"
     )]
     OutcomeUnknown,
+    /// 503 with `Retry-After` (seconds): a POS key cannot be verified now (the database is
+    /// unreachable and the key was not confirmed recently). Never 401: the key may be valid.
+    #[error(
+        "the API key cannot be verified right now (database unreachable); retry in {0} seconds"
+    )]
+    KeyUnverifiable(u64),
     /// 500: a bug or an unexpected database error; logged in full.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -55,14 +65,14 @@ impl Error {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::NotLocal(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable | Error::KeyUnverifiable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,12 +106,18 @@ impl IntoResponse for Error {
             body["written"] = "unknown".into();
         }
         let mut response = (self.status(), Json(body)).into_response();
-        if let Error::TooManyRequests(secs) = self {
-            if let Ok(v) = secs.to_string().parse() {
-                response
-                    .headers_mut()
-                    .insert(axum::http::header::RETRY_AFTER, v);
+        match self {
+            Error::TooManyRequests(secs) | Error::KeyUnverifiable(secs) => {
+                if let Ok(v) = secs.to_string().parse() {
+                    response
+                        .headers_mut()
+                        .insert(axum::http::header::RETRY_AFTER, v);
+                }
             }
+            Error::NotLocal(_) => {
+                response.extensions_mut().insert(super::auth::NotCounted);
+            }
+            _ => {}
         }
         response
     }

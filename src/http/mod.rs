@@ -20,6 +20,7 @@ pub use error::Error;
 
 use crate::activity::Activity;
 use crate::config::Tuning;
+use crate::db::PoolShare;
 use crate::hub::Hub;
 use crate::listener::ListenerHealth;
 use crate::metrics::Metrics;
@@ -31,8 +32,15 @@ pub struct AppState(Arc<Shared>);
 
 /// The shared parts behind [`AppState`].
 pub struct Shared {
-    /// Request pool (never used for LISTEN).
+    /// Request pool (never used for LISTEN; /broadcast has a pool of its own).
     pub pool: Pool,
+    /// The request pool's share for replays from the event log (`db::REPLAY_CONNECTIONS`).
+    pub replays: PoolShare,
+    /// The request pool's share for the admin API, the status page and the background
+    /// refresh of the `/metrics` database gauges (`db::ADMIN_CONNECTIONS`).
+    pub admin_db: PoolShare,
+    /// The `/metrics` gauges read from the database, refreshed in the background.
+    pub db_gauges: Arc<status::DatabaseGauges>,
     /// Per-tenant fan-out.
     pub hub: Arc<Hub>,
     /// Process metrics.

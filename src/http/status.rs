@@ -1,11 +1,12 @@
 //! The live status page: `/status` (plain HTML), `/status/app.js` (polls the JSON) and
 //! `/status/data` (instances, listener state and lag, tenants with their terminals, events per
-//! second, the last events), all behind the admin token; plus the scrape-time gauges of
-//! `/metrics` that need presence or the database.
+//! second, the last events), all behind the admin token; plus the `/metrics` gauges that need
+//! presence or the database, the latter refreshed in the background so a scrape never queries.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
 use axum::Router;
@@ -25,9 +26,13 @@ use crate::presence::STALE_AFTER;
 const PAGE: &str = include_str!("status/index.html");
 /// The page's script.
 const SCRIPT: &str = include_str!("status/app.js");
-/// `/metrics` gauges that query the database give up after this: a scrape must answer even
-/// when the database is slow, and Prometheus's own default timeout is 10 s.
-pub const SCRAPE_DB_TIMEOUT: Duration = Duration::from_secs(1);
+/// The background refresh of the `/metrics` database gauges gives up on a query after this (and
+/// cancels it): they are a few index lookups, so 5 s means a sick or locked database.
+pub const GAUGE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Database gauges older than this are left out of `/metrics` and
+/// `orderpush_scrape_database_ok` is 0: several refreshes in a row failed, and a stale value
+/// must not look current.
+pub const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
 /// Headers of every status response: no caching of operational data, no framing, no guessing
 /// of types, scripts only from this origin.
 const SECURITY_HEADERS: [(header::HeaderName, &str); 5] = [
@@ -201,10 +206,77 @@ async fn data(
     (SECURITY_HEADERS, Json(body)).into_response()
 }
 
-/// Gauges for `/metrics` that are read at scrape time: presence, the listener's read age, and
-/// from the database (within [`SCRAPE_DB_TIMEOUT`]) `pg_notification_queue_usage()` and the
-/// tenants with active keys but no terminal connected anywhere.
-pub async fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str, f64)> {
+/// The `/metrics` gauges read from the database, as of the last successful background refresh
+/// ([`refresh_gauges`]).
+#[derive(Debug, Default)]
+pub struct DatabaseGauges(Mutex<Option<GaugeReading>>);
+
+#[derive(Debug, Clone, Copy)]
+struct GaugeReading {
+    at: Instant,
+    notification_queue_usage: f64,
+    tenants_without_terminal: i64,
+}
+
+impl DatabaseGauges {
+    fn set(&self, reading: GaugeReading) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading);
+    }
+
+    /// The last reading if it is at most `max_age` old.
+    fn fresh(&self, max_age: Duration) -> Option<GaugeReading> {
+        let reading = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        reading.filter(|r| r.at.elapsed() <= max_age)
+    }
+}
+
+/// Refreshes [`DatabaseGauges`] every presence interval until shutdown, on the admin share of
+/// the pool: they count what the presence heartbeat writes, so refreshing more often would read
+/// the same rows again, and scrapes (however many) cost the database nothing.
+pub async fn refresh_gauges(state: AppState) {
+    let mut tick = tokio::time::interval(state.tuning.presence_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let read = state
+            .admin_db
+            .run(GAUGE_QUERY_TIMEOUT, async |c| {
+                Ok(c.query_one(
+                    "SELECT pg_notification_queue_usage(),
+                            (SELECT count(*) FROM public.tenants t
+                             WHERE EXISTS (SELECT 1 FROM orderpush.api_keys k
+                                           WHERE k.tenant_slug = t.slug AND k.revoked_at IS NULL)
+                               AND NOT EXISTS (SELECT 1 FROM orderpush.connections c
+                                               JOIN orderpush.instances i ON i.id = c.instance_id
+                                               WHERE c.tenant_slug = t.slug
+                                                 AND i.heartbeat_at >= now() - make_interval(secs => $1)))",
+                    &[&STALE_AFTER.as_secs_f64()],
+                )
+                .await?)
+            });
+        let read = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = read => r,
+        };
+        match read {
+            Ok(row) => state.db_gauges.set(GaugeReading {
+                at: Instant::now(),
+                notification_queue_usage: row.get(0),
+                tenants_without_terminal: row.get(1),
+            }),
+            // Visible as orderpush_scrape_database_ok 0 once the last reading is too old.
+            Err(e) => tracing::debug!(error = %e, "database gauges not refreshed"),
+        }
+    }
+}
+
+/// Gauges for `/metrics`, all from memory (a scrape never touches the database): presence, the
+/// listener's read age, the undelivered alert, and the database gauges as of the last
+/// background refresh ([`refresh_gauges`]) when it is recent enough.
+pub fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str, f64)> {
     let mut gauges = Vec::with_capacity(8);
     if let Some(age) = state.listener.last_read_age() {
         gauges.push((
@@ -239,42 +311,23 @@ pub async fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str,
         "Tenants that received events in the last 10 minutes with no terminal connected, and still have none.",
         alerting as f64,
     ));
-    let query = async {
-        let client = state.pool.get().await.ok()?;
-        client
-            .query_one(
-                "SELECT pg_notification_queue_usage(),
-                        (SELECT count(*) FROM public.tenants t
-                         WHERE EXISTS (SELECT 1 FROM orderpush.api_keys k
-                                       WHERE k.tenant_slug = t.slug AND k.revoked_at IS NULL)
-                           AND NOT EXISTS (SELECT 1 FROM orderpush.connections c
-                                           JOIN orderpush.instances i ON i.id = c.instance_id
-                                           WHERE c.tenant_slug = t.slug
-                                             AND i.heartbeat_at >= now() - make_interval(secs => $1)))",
-                &[&STALE_AFTER.as_secs_f64()],
-            )
-            .await
-            .ok()
-    };
-    let row = tokio::time::timeout(SCRAPE_DB_TIMEOUT, query)
-        .await
-        .ok()
-        .flatten();
+    let max_age = GAUGE_MAX_AGE.max(state.tuning.presence_interval * 3);
+    let reading = state.db_gauges.fresh(max_age);
     gauges.push((
         "orderpush_scrape_database_ok",
-        "1 when the database gauges below could be read during this scrape.",
-        f64::from(u8::from(row.is_some())),
+        "1 when the database gauges below are fresh (refreshed in the background within 15 s).",
+        f64::from(u8::from(reading.is_some())),
     ));
-    if let Some(row) = row {
+    if let Some(r) = reading {
         gauges.push((
             "orderpush_notification_queue_usage_ratio",
             "pg_notification_queue_usage(): fraction of Postgres's NOTIFY queue in use (1 = NOTIFY fails).",
-            row.get::<_, f64>(0),
+            r.notification_queue_usage,
         ));
         gauges.push((
             "orderpush_tenants_without_terminal",
             "Tenants with an active API key and no terminal connected to any instance.",
-            row.get::<_, i64>(1) as f64,
+            r.tenants_without_terminal as f64,
         ));
     }
     gauges

@@ -12,16 +12,17 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{HeaderMap, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use tracing::{debug, info};
 
+use super::auth::{self, Caller, KeyRefusal, VerifiedKey};
 use super::{AppState, Error};
 use crate::db::events;
-use crate::db::keys::{self, KeyIdentity};
+use crate::db::keys;
 use crate::event;
 use crate::hub::{KickReason, Replay, Subscription};
 use crate::metrics::DisconnectReason;
@@ -42,11 +43,31 @@ pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
 /// throughput, and 10k idle terminals would hold 1.25 GB with it. A POS sends only pongs and
 /// acks (tens of bytes); the buffer still grows on demand up to MAX_INCOMING_MESSAGE.
 pub const READ_BUFFER: usize = 128;
-/// Largest write backlog inside tungstenite for one socket: one maximal frame (a 256 KiB
-/// broadcast plus envelope) and a close frame. Our own queue (the hub's) bounds the rest.
-pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
+/// Largest write backlog inside tungstenite for one socket: one maximal frame
+/// (`event::MAX_FRAME_BYTES`, the envelope included) and what may follow it. A frame that does
+/// not fit fails the socket without a close frame, on every attempt, so this must hold the
+/// largest frame the service ever sends. Our own queue (the hub's) bounds everything else.
+/// tungstenite allocates it on demand (an idle socket holds none of it) but keeps the capacity
+/// a big frame grew it to until the socket closes.
+pub const MAX_WRITE_BUFFER: usize = event::MAX_FRAME_BYTES + WRITE_BUFFER_SLACK;
+/// Room beyond one maximal frame in [`MAX_WRITE_BUFFER`]: its WebSocket header (at most 14
+/// bytes) and a close frame behind it (at most 129 bytes) when the socket is closed
+/// mid-frame, rounded up generously.
+pub const WRITE_BUFFER_SLACK: usize = 4 * 1024;
 /// Events fetched per replay query: bounds memory for a POS that was away for a long time.
 pub const REPLAY_PAGE: i64 = 500;
+/// Event data fetched per replay query, beyond its first row: 500 typical orders (~1 KB each)
+/// fit, while a page of near-maximal (1 MiB) events stops after about one, so a replay holds at
+/// most ~2 MiB of rows however large its events are.
+pub const REPLAY_PAGE_BYTES: i64 = 1 << 20;
+/// One replay query slower than this means a sick database: the socket is closed with 1011
+/// and the query cancelled, rather than holding a pooled connection.
+pub const REPLAY_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest replay a socket performs from the event log. A POS that is further behind gets
+/// `resync_required` (`replay_too_long`) and refetches over REST, which is cheaper for both
+/// sides than 100,000 frames (about 100 MB of typical orders) through one socket; days of a
+/// busy restaurant's events still replay.
+pub const MAX_REPLAY_ROWS: i64 = 100_000;
 /// How long we wait for a close frame to be written before dropping the connection.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -58,7 +79,8 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     /// Internal error: e.g. the database was unreachable during replay.
     pub const INTERNAL: u16 = 1011;
-    /// Try again later: the client read too slowly; resume with `since`.
+    /// Try again later: the client read too slowly (its queue overflowed, or nothing drained
+    /// for the drain timeout); resume with `since`.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
@@ -75,16 +97,23 @@ struct ResumeQuery {
 async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Option<Extension<Caller>>,
     Path(tenant): Path<String>,
     Query(query): Query<ResumeQuery>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
-    let key = match authenticate(&state, &tenant, &headers).await {
+    let caller = caller.map(|Extension(c)| c);
+    let key = match authenticate(&state, caller.as_ref(), &tenant, &headers).await {
         Ok(key) => key,
-        Err(e) => {
-            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
+        Err(refusal) => {
+            if matches!(
+                refusal.error,
+                Error::Unauthorized(_) | Error::Forbidden(_) | Error::BadRequest(_)
+            ) {
+                state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(refusal.into_response());
         }
     };
     let since = match query.since.as_deref() {
@@ -112,7 +141,10 @@ async fn upgrade(
                 Box::new(socket),
                 state,
                 tenant,
-                key.id.into(),
+                SocketKey {
+                    id: key.identity.id.into(),
+                    generation: key.generation,
+                },
                 since,
                 peer,
                 token,
@@ -120,26 +152,22 @@ async fn upgrade(
         }))
 }
 
-/// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403.
+/// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403; a key
+/// that cannot be verified now (database unreachable) → 503 with Retry-After.
 async fn authenticate(
     state: &AppState,
+    caller: Option<&Caller>,
     tenant: &str,
     headers: &HeaderMap,
-) -> Result<KeyIdentity, Error> {
+) -> Result<VerifiedKey, KeyRefusal> {
     let presented = presented_key(headers)?;
     if !keys::is_well_formed(presented) {
-        return Err(Error::Unauthorized("invalid API key".into()));
+        return Err(Error::Unauthorized("invalid API key".into()).into());
     }
-    let key = state
-        .keys
-        .resolve(&state.pool, presented)
-        .await?
-        .ok_or_else(|| Error::Unauthorized("invalid API key".into()))?;
+    let key = auth::verify_key(state, caller, presented).await?;
     // The path is compared, never queried: a malformed tenant simply is not the key's tenant.
-    if key.tenant != tenant {
-        return Err(Error::Forbidden(
-            "this API key belongs to another tenant".into(),
-        ));
+    if key.identity.tenant != tenant {
+        return Err(Error::Forbidden("this API key belongs to another tenant".into()).into());
     }
     Ok(key)
 }
@@ -180,6 +208,13 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
+/// The key a socket authenticated with: its public id (shared) and the key cache's change
+/// generation when it was verified.
+struct SocketKey {
+    id: Arc<str>,
+    generation: u64,
+}
+
 /// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
 /// an async fn's arguments are stored in its task for its whole life, so keeping them small
 /// keeps every idle connection small.
@@ -187,19 +222,27 @@ async fn serve_socket(
     mut socket: Box<WebSocket>,
     state: AppState,
     tenant: Arc<str>,
-    key_id: Arc<str>,
+    key: SocketKey,
     since: Option<i64>,
     peer: SocketAddr,
     // Held until the socket is closed, so shutdown waits for the close frame.
     _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
+    let SocketKey {
+        id: key_id,
+        generation: key_generation,
+    } = key;
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
     let (sub, replay) = state.hub.subscribe(&tenant, &key_id, since);
     let conn = state.presence.register(&tenant, &key_id, peer, since);
-    let reason = {
+    let reason = if !state.keys.still_valid(&key_id, &tenant, key_generation) {
+        // The key was revoked or moved while this socket was being set up: that change found
+        // no socket here to close, so close it now.
+        DisconnectReason::KeyRevoked
+    } else {
         // Pinned once per connection: creating these futures for every frame would register
         // and unregister a waiter under a lock each time.
         let shutdown = state.shutdown.cancelled();
@@ -271,7 +314,11 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn run(&mut self, since: Option<i64>, replay: Replay) -> DisconnectReason {
         let mut last_sent = match (since, replay) {
             (None, _) => None,
-            (Some(since), Replay::Frames(frames)) => {
+            // Memory never replays more than the log would (it holds 64 frames; only a
+            // shortened limit, as in tests, can be smaller).
+            (Some(since), Replay::Frames(frames))
+                if frames.len() as i64 <= self.state.tuning.max_replay_rows =>
+            {
                 // Served from the hub's memory: no database query on the reconnect path.
                 self.state
                     .metrics
@@ -288,7 +335,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 }
                 Some(last)
             }
-            (Some(since), Replay::Database) => {
+            (Some(since), _) => {
                 self.state
                     .metrics
                     .resumes_from_database
@@ -369,19 +416,29 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     fn kick_reason(&self) -> DisconnectReason {
         match self.sub.kick_reason() {
             Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
-            Some(KickReason::SlowConsumer) | None => DisconnectReason::SlowConsumer,
+            // A stalled drain is a slow consumer too: same close code (1013), same remedy.
+            Some(KickReason::SlowConsumer | KickReason::Stalled) | None => {
+                DisconnectReason::SlowConsumer
+            }
         }
     }
 
     /// Sends one message, giving up as soon as the socket is kicked or the server shuts down
-    /// (a stalled peer must not pin its task).
+    /// (a stalled peer must not pin its task). The hub's drain watch sees the write start and
+    /// finish, and kicks the socket if it does not finish within the drain timeout: no timer
+    /// of our own per send or per socket.
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
-        tokio::select! {
+        self.sub.write_started();
+        let result = tokio::select! {
             biased;
             r = self.socket.send(msg) => r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
             _ = &mut self.kicked => Err(Stop::Ended(self.kick_reason())),
             _ = &mut self.shutdown => Err(Stop::Ended(DisconnectReason::Shutdown)),
+        };
+        if result.is_ok() {
+            self.sub.write_done();
         }
+        result
     }
 
     /// Sends one event frame and records it (metrics, presence).
@@ -396,59 +453,116 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         Ok(())
     }
 
-    /// Sends every retained event with `id > since`, in order; returns the last id the client
-    /// now has. When `since` cannot be honoured (older than what is retained, or ahead of the
-    /// log), sends `resync_required` instead and returns the tenant's latest id.
+    /// Sends every retained event with `id > since`, in order, and returns the last id the
+    /// client now has. The log is read a page at a time on a replay connection (at most half
+    /// the pool), which goes back to the pool before the page is written to the socket. When
+    /// `since` cannot be honoured ([`resume_plan`]), or rows vanish under the replay (pruned
+    /// meanwhile), sends `resync_required` instead and returns the tenant's latest id.
     async fn catch_up(&mut self, since: i64) -> Result<i64, Stop> {
         let tenant = Arc::clone(self.tenant);
-        let server_error = |e: crate::db::DbError| {
-            tracing::warn!(error = %e, tenant = %tenant, "replay failed");
-            Stop::Ended(DisconnectReason::ServerError)
-        };
-        let client = self
-            .state
-            .pool
-            .get()
-            .await
-            .map_err(|e| server_error(e.into()))?;
-        let head = events::head(&**client, &tenant)
-            .await
-            .map_err(server_error)?;
-        if since == head {
-            return Ok(since);
-        }
-        let mut last = since;
-        if since < head {
-            loop {
-                let page = events::replay(&**client, &tenant, last, REPLAY_PAGE)
-                    .await
-                    .map_err(server_error)?;
-                let n = page.len() as i64;
-                for e in page {
-                    if e.id != last + 1 {
-                        break; // a hole: pruned; resync below
+        let max_rows = self.state.tuning.max_replay_rows;
+        let (head, first_page) = self
+            .read_log(async |c| {
+                let (head, oldest) = events::bounds(&***c, &tenant).await?;
+                let page = match resume_plan(since, head, oldest, max_rows) {
+                    Ok(()) if since < head => {
+                        events::replay(&***c, &tenant, since, head, REPLAY_PAGE, REPLAY_PAGE_BYTES)
+                            .await?
                     }
-                    self.send_event(e.id, e.to_frame().into(), true).await?;
-                    last = e.id;
-                }
-                if last >= head || n < REPLAY_PAGE {
+                    Ok(()) => Vec::new(),
+                    Err(reason) => return Ok((head, Err(reason))),
+                };
+                Ok((head, Ok(page)))
+            })
+            .await?;
+        let mut page = match first_page {
+            Ok(page) => page,
+            Err(reason) => return self.resync(reason, since, head).await,
+        };
+        let mut last = since;
+        while last < head {
+            // Every id up to the head is committed, and retention deletes only a prefix: a
+            // missing row means it was pruned since the replay began.
+            if page.first().is_none_or(|e| e.id != last + 1) {
+                return self
+                    .resync(event::ResyncReason::Retention, last, head)
+                    .await;
+            }
+            for e in std::mem::take(&mut page) {
+                if e.id != last + 1 {
                     break;
                 }
+                self.send_event(e.id, e.to_frame().into(), true).await?;
+                last = e.id;
             }
-            if last >= head {
-                return Ok(last);
+            if last < head {
+                page = self
+                    .read_log(async |c| {
+                        events::replay(&***c, &tenant, last, head, REPLAY_PAGE, REPLAY_PAGE_BYTES)
+                            .await
+                    })
+                    .await?;
             }
         }
-        let reason = if since > head {
-            event::ResyncReason::LogRewound
-        } else {
-            event::ResyncReason::Retention
+        Ok(last)
+    }
+
+    /// Runs one read of the event log on a replay connection, giving up as soon as the socket
+    /// is kicked or the server shuts down. A database that cannot serve it ends the socket with
+    /// 1011.
+    async fn read_log<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, crate::db::DbError>,
+    ) -> Result<T, Stop> {
+        let read = self.state.replays.run(REPLAY_QUERY_TIMEOUT, work);
+        let result = tokio::select! {
+            biased;
+            _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
+            _ = &mut self.kicked => return Err(Stop::Ended(self.kick_reason())),
+            r = read => r,
         };
-        let text = event::resync_required(&tenant, reason, since, head);
+        result.map_err(|e| {
+            tracing::warn!(error = %e, tenant = %self.tenant, "replay failed");
+            Stop::Ended(DisconnectReason::ServerError)
+        })
+    }
+
+    /// Sends `resync_required` (the client has `since`; the tenant's latest id is `head`) and
+    /// returns `head`: the client continues live from there.
+    async fn resync(
+        &mut self,
+        reason: event::ResyncReason,
+        since: i64,
+        head: i64,
+    ) -> Result<i64, Stop> {
+        let text = event::resync_required(self.tenant, reason, since, head);
         self.send(Message::Text(text.into())).await?;
-        self.state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        self.state.metrics.resync(reason);
         self.conn.delivered(head);
         Ok(head)
+    }
+}
+
+/// Whether a resume from `since` can be replayed from the log, given the tenant's latest id
+/// (`head`) and its oldest retained id (`oldest`, `None` when nothing is retained); otherwise
+/// the reason for `resync_required`. `since` may be the last pruned id: `since + 1` retained
+/// means no gap.
+pub fn resume_plan(
+    since: i64,
+    head: i64,
+    oldest: Option<i64>,
+    max_rows: i64,
+) -> Result<(), event::ResyncReason> {
+    if since > head {
+        Err(event::ResyncReason::LogRewound)
+    } else if since == head {
+        Ok(())
+    } else if oldest.is_none_or(|oldest| oldest > since + 1) {
+        Err(event::ResyncReason::Retention)
+    } else if head - since > max_rows {
+        Err(event::ResyncReason::ReplayTooLong)
+    } else {
+        Ok(())
     }
 }
 
@@ -476,5 +590,42 @@ fn client_message(state: &AppState, conn: &Registration, text: &str) {
             .client_messages_ignored
             .fetch_add(1, Ordering::Relaxed);
         debug!(ack, "ignored a message from a POS");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resume_plan;
+    use crate::event::ResyncReason;
+
+    #[test]
+    fn resumes_replay_only_what_the_log_holds_and_the_limit_allows() {
+        let max = 100;
+        // Up to date, or a replay within retention and the limit.
+        assert_eq!(resume_plan(50, 50, Some(1), max), Ok(()));
+        assert_eq!(resume_plan(0, 50, Some(1), max), Ok(()));
+        // `since` is the last pruned id: nothing is missing.
+        assert_eq!(resume_plan(9, 50, Some(10), max), Ok(()));
+        assert_eq!(
+            resume_plan(8, 50, Some(10), max),
+            Err(ResyncReason::Retention)
+        );
+        assert_eq!(resume_plan(0, 50, None, max), Err(ResyncReason::Retention));
+        // Ahead of the log: a restored database.
+        assert_eq!(
+            resume_plan(51, 50, Some(1), max),
+            Err(ResyncReason::LogRewound)
+        );
+        // Exactly the limit replays; one more does not.
+        assert_eq!(resume_plan(100, 200, Some(1), max), Ok(()));
+        assert_eq!(
+            resume_plan(99, 200, Some(1), max),
+            Err(ResyncReason::ReplayTooLong)
+        );
+        // Retention is the reason when both apply: it is what the POS must know.
+        assert_eq!(
+            resume_plan(0, 500, Some(300), max),
+            Err(ResyncReason::Retention)
+        );
     }
 }
