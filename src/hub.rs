@@ -358,6 +358,18 @@ impl Hub {
         key_id: &str,
         since: Option<i64>,
     ) -> (Subscription, Replay) {
+        self.subscribe_after(tenant, key_id, since, None)
+    }
+
+    /// [`Hub::subscribe`] for a tenant that exists since `tenant_since`: frames written before
+    /// it (by an earlier tenant under the same slug) are never served from memory.
+    pub fn subscribe_after(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        key_id: &str,
+        since: Option<i64>,
+        tenant_since: Option<SystemTime>,
+    ) -> (Subscription, Replay) {
         let mailbox = Arc::new(Mailbox::default());
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
         let entry = Client {
@@ -369,7 +381,8 @@ impl Hub {
             let mut map = lock(&self.tenants);
             let mut t = lock(map.entry(Arc::clone(tenant)).or_default());
             t.clients.insert(client, entry);
-            t.replay_after(since, SystemTime::now().checked_sub(self.retention))
+            let retained = SystemTime::now().checked_sub(self.retention);
+            t.replay_after(since, retained.max(tenant_since))
         };
         let sub = Subscription {
             mailbox,

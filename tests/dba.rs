@@ -3,6 +3,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -711,4 +713,89 @@ async fn bad_dba_input_fails_clearly_and_changes_nothing() {
     for sub in ["triggers", "uninstall", "tail"] {
         assert!(help.contains(sub), "{help}");
     }
+}
+
+/// The version before the staged write path: events numbered in the writers' transactions.
+const BEFORE_STAGING: i32 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_in_place_under_writers_loses_nothing_and_ids_continue() {
+    let db = TestDb::create_empty().await;
+    migrate_to(&db, BEFORE_STAGING).await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let c = db.client().await;
+    for i in 1..=5 {
+        insert_loyalty(&c, "kitchen", i).await;
+    }
+    assert_eq!(db.event_count().await, 5, "numbered the old way, at commit");
+
+    // An instance of the old version is connected: migrate refuses and names it.
+    let mut old = db.config.clone();
+    old.application_name("orderpush-listener");
+    let old = connect(&old).await;
+    let out = orderpush(&db, &["migrate"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("older orderpush are still connected") && err.contains("orderpush-listener"),
+        "{err}"
+    );
+    assert!(
+        status_json(&db).iter().any(|m| m["state"] == "pending"),
+        "nothing applied"
+    );
+    drop(old);
+    eventually("the old session is gone", WAIT, || async {
+        session_pids(&c, &db.name, "orderpush-listener")
+            .await
+            .is_empty()
+    })
+    .await;
+
+    // Writers keep writing through the upgrade.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let w = db.client().await;
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut i = 5;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                insert_loyalty(&w, "kitchen", i).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = tokio::task::block_in_place(|| orderpush(&db, &["migrate"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+
+    let server = TestServer::start(&db).await;
+    db.wait_numbered().await;
+    let log = event_log(&c, "kitchen").await;
+    let points: Vec<i64> = log
+        .iter()
+        .map(|e| e["data"]["pointsChange"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        points,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "every write, once, in order"
+    );
+    let ids: Vec<i64> = log.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "ids continue without a gap"
+    );
+    let mut pos = Pos::connect(&server, "kitchen", &key, Some(3)).await;
+    assert_eq!(
+        pos.next().await["id"],
+        4,
+        "a POS resumes across the upgrade"
+    );
 }

@@ -23,3 +23,4 @@ mod security;
 mod status_page;
 mod tail;
 mod websocket;
+mod write_path;

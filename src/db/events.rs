@@ -247,8 +247,13 @@ pub async fn bounds(
 ) -> Result<(i64, Option<i64>), DbError> {
     let row = client
         .query_one(
-            "SELECT coalesce((SELECT seq FROM orderpush.heads WHERE tenant_slug = $1), 0),
-                    (SELECT min(id) FROM orderpush.events WHERE tenant_slug = $1 AND id > 0)",
+            "SELECT coalesce((SELECT h.seq FROM orderpush.heads h
+                              WHERE h.tenant_slug = $1
+                                AND h.tenant_created_at IS NOT DISTINCT FROM t.created_at), 0),
+                    (SELECT min(e.id) FROM orderpush.events e
+                     WHERE e.tenant_slug = $1 AND e.id > 0
+                       AND e.emitted_at >= coalesce(t.created_at, '-infinity'))
+             FROM (SELECT (SELECT created_at FROM public.tenants WHERE slug = $1) AS created_at) t",
             &[&tenant],
         )
         .await?;
@@ -271,6 +276,9 @@ pub async fn replay(
              SELECT x.*, sum(octet_length(x.data::text)) OVER (ORDER BY x.id) AS running
              FROM orderpush.events x
              WHERE x.tenant_slug = $1 AND x.id > $2 AND x.id <= $3
+               -- Only this tenant's: not those of an earlier tenant under the same slug.
+               AND x.emitted_at >= coalesce((SELECT created_at FROM public.tenants
+                                             WHERE slug = $1), '-infinity')
              ORDER BY x.id LIMIT $4) e
          WHERE e.running - octet_length(e.data::text) < $5
          ORDER BY e.id"

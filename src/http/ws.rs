@@ -144,6 +144,7 @@ async fn upgrade(
                 SocketKey {
                     id: key.identity.id.into(),
                     generation: key.generation,
+                    tenant_since: key.identity.tenant_since,
                 },
                 since,
                 peer,
@@ -208,11 +209,12 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
-/// The key a socket authenticated with: its public id (shared) and the key cache's change
-/// generation when it was verified.
+/// The key a socket authenticated with: its public id (shared), the key cache's change
+/// generation when it was verified, and since when its tenant exists (nothing older is its).
 struct SocketKey {
     id: Arc<str>,
     generation: u64,
+    tenant_since: Option<std::time::SystemTime>,
 }
 
 /// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
@@ -231,12 +233,15 @@ async fn serve_socket(
     let SocketKey {
         id: key_id,
         generation: key_generation,
+        tenant_since,
     } = key;
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let (sub, replay) = state.hub.subscribe(&tenant, &key_id, since);
+    let (sub, replay) = state
+        .hub
+        .subscribe_after(&tenant, &key_id, since, tenant_since);
     let conn = state.presence.register(&tenant, &key_id, peer, since);
     let reason = if !state.keys.still_valid(&key_id, &tenant, key_generation) {
         // The key was revoked or moved while this socket was being set up: that change found
@@ -357,11 +362,14 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 _ = &mut self.kicked => return self.kick_reason(),
                 frame = self.sub.recv() => {
                     if frame.rewind {
-                        // The log went backwards: say so, and continue from its lower id.
-                        if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
-                            return reason;
+                        // The log went backwards: a socket that was sent more than it now holds
+                        // is told so, and continues from its lower id.
+                        if last_sent.is_some_and(|last| last > frame.id) {
+                            if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
+                                return reason;
+                            }
+                            last_sent = Some(frame.id);
                         }
-                        last_sent = Some(frame.id);
                         continue;
                     }
                     if let Some(last) = last_sent {
