@@ -297,6 +297,12 @@ pub struct Tuning {
     pub auth_failure_limit: u32,
     /// How long an address over that limit is answered 429.
     pub auth_cooldown: Duration,
+    /// How long a client may take to send a request's headers, from its first byte (from the
+    /// accept for a new connection); see [`crate::http::serve::HEADER_READ_TIMEOUT`].
+    pub http_header_timeout: Duration,
+    /// How long a keep-alive connection may sit idle between requests; see
+    /// [`crate::http::serve::IDLE_TIMEOUT`].
+    pub http_idle_timeout: Duration,
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
@@ -326,6 +332,8 @@ impl Default for Tuning {
             presence_interval: crate::presence::FLUSH_INTERVAL,
             auth_failure_limit: crate::http::auth::AUTH_FAILURE_LIMIT,
             auth_cooldown: crate::http::auth::AUTH_COOLDOWN,
+            http_header_timeout: crate::http::serve::HEADER_READ_TIMEOUT,
+            http_idle_timeout: crate::http::serve::IDLE_TIMEOUT,
         }
     }
 }

@@ -170,10 +170,9 @@ pub async fn run(
     ));
 
     info!(addr = %listener.local_addr()?, "orderpush listening");
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    let timeouts = http::serve::Timeouts::from_tuning(&state.tuning);
+    let app = http::router(state);
+    http::serve::serve(listener, app, timeouts, shutdown.clone(), tracker.clone()).await;
 
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

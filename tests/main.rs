@@ -1,6 +1,7 @@
 //! Integration tests: the real server, a fresh Postgres database per test, real clients.
 
 mod admin;
+mod bounds;
 mod broadcast;
 mod browser_auth;
 mod chaos;

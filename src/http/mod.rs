@@ -6,6 +6,7 @@ pub mod auth;
 pub mod broadcast;
 pub mod error;
 pub mod health;
+pub mod serve;
 pub mod status;
 pub mod ws;
 
