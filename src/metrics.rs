@@ -50,6 +50,34 @@ impl DisconnectReason {
     }
 }
 
+/// Which cap refused a WebSocket upgrade; a label of `orderpush_connections_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The instance holds its maximum of connections.
+    Total,
+    /// The API key holds its maximum of connections.
+    Key,
+    /// The tenant holds its maximum of connections.
+    Tenant,
+}
+
+impl RefusalReason {
+    const ALL: [RefusalReason; 3] = [
+        RefusalReason::Total,
+        RefusalReason::Key,
+        RefusalReason::Tenant,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::Total => "total",
+            RefusalReason::Key => "key",
+            RefusalReason::Tenant => "tenant",
+        }
+    }
+}
+
 /// Event types with their own label value; everything else (free-form /broadcast types) is
 /// `other`, which keeps the label set bounded.
 const KNOWN_TYPES: [&str; 6] = [
@@ -84,6 +112,7 @@ pub struct Metrics {
     disconnects: [AtomicU64; 7],
     /// WebSocket upgrades refused for a missing, unknown or revoked key (401) or a wrong tenant (403).
     pub auth_failures: AtomicU64,
+    connections_refused: [AtomicU64; 3],
     events_db: [AtomicU64; 6],
     events_broadcast: [AtomicU64; 6],
     /// Event frames written to sockets (replay included).
@@ -142,6 +171,15 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.disconnects[i].load(Relaxed) as f64
+    }
+
+    /// Counts one WebSocket upgrade refused (503) because a connection cap was reached.
+    pub fn connection_refused(&self, reason: RefusalReason) {
+        let i = RefusalReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.connections_refused[i].fetch_add(1, Relaxed);
     }
 
     /// Counts one event read from the log, by origin and type.
@@ -306,6 +344,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "orderpush_disconnects_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP orderpush_connections_refused_total WebSocket upgrades refused with 503 because a connection cap was reached, by cap.\n# TYPE orderpush_connections_refused_total counter"
+        );
+        for (reason, n) in RefusalReason::ALL.iter().zip(&self.connections_refused) {
+            let _ = writeln!(
+                out,
+                "orderpush_connections_refused_total{{reason=\"{}\"}} {}",
                 reason.label(),
                 n.load(Relaxed)
             );

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::activity::Activity;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events, keys};
-use crate::http::{self, AppState, Shared, auth::KeyCache, broadcast};
+use crate::http::{self, AppState, Shared, auth::KeyCache, broadcast, limits::ConnectionLimits};
 use crate::hub::{Frame, Hub, KickReason, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth};
 use crate::metrics::Metrics;
@@ -156,6 +156,7 @@ pub async fn run(
         presence,
         activity,
         broadcasts,
+        connection_limits: Arc::new(ConnectionLimits::from_tuning(&config.tuning)),
         tuning: config.tuning.clone(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

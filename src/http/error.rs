@@ -34,6 +34,14 @@ pub enum Error {
     /// 503: a dependency (the database) is unavailable or overloaded.
     #[error("service temporarily unavailable")]
     Unavailable,
+    /// 503 with `Retry-After`: a connection cap is reached; the message says which.
+    #[error("{message}")]
+    OverCapacity {
+        /// Which cap, for the client.
+        message: String,
+        /// Seconds after which a retry may succeed.
+        retry_after: u64,
+    },
     /// 500: a bug or an unexpected database error; logged in full.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -50,7 +58,7 @@ impl Error {
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable | Error::OverCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,7 +92,11 @@ impl IntoResponse for Error {
             Json(serde_json::json!({ "success": false, "error": self.to_string() })),
         )
             .into_response();
-        if let Error::TooManyRequests(secs) = self {
+        if let Error::TooManyRequests(secs)
+        | Error::OverCapacity {
+            retry_after: secs, ..
+        } = self
+        {
             if let Ok(v) = secs.to_string().parse() {
                 response
                     .headers_mut()

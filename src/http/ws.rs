@@ -19,6 +19,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use tracing::{debug, info};
 
+use super::limits::{self, ConnectionSlot};
 use super::{AppState, Error};
 use crate::db::events;
 use crate::db::keys::{self, KeyIdentity};
@@ -97,7 +98,24 @@ async fn upgrade(
         Ok(ws) => ws,
         Err(rejection) => return Ok(axum::response::IntoResponse::into_response(rejection)),
     };
-    let tenant: Arc<str> = Arc::from(tenant);
+    // Reserved before the upgrade, released when the socket ends: the slot moves into the
+    // upgrade callback, so it is also released if that callback never runs (the client went
+    // away before the upgrade completed).
+    let (tenant, key_id): (Arc<str>, Arc<str>) = (tenant.into(), key.id.into());
+    let slot = match state
+        .connection_limits
+        .reserve(Arc::clone(&tenant), Arc::clone(&key_id))
+    {
+        Ok(slot) => slot,
+        Err(reason) => {
+            state.metrics.connection_refused(reason);
+            info!(%tenant, %key_id, cap = reason.label(), "WebSocket refused: connection cap reached");
+            return Err(Error::OverCapacity {
+                message: state.connection_limits.refusal_message(reason),
+                retry_after: limits::CAP_RETRY_AFTER.as_secs(),
+            });
+        }
+    };
     // The token keeps the tracker open from now on, so shutdown waits for this socket too.
     let token = state.tracker.token();
     Ok(ws
@@ -107,17 +125,7 @@ async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(MAX_INCOMING_MESSAGE)
         .max_frame_size(MAX_INCOMING_MESSAGE)
-        .on_upgrade(move |socket| {
-            serve_socket(
-                Box::new(socket),
-                state,
-                tenant,
-                key.id.into(),
-                since,
-                peer,
-                token,
-            )
-        }))
+        .on_upgrade(move |socket| serve_socket(Box::new(socket), state, slot, since, peer, token)))
 }
 
 /// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403.
@@ -180,25 +188,26 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
-/// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
-/// an async fn's arguments are stored in its task for its whole life, so keeping them small
-/// keeps every idle connection small.
+/// Runs one POS socket from upgrade to close. The socket arrives boxed and the tenant and key
+/// id shared (in the slot): an async fn's arguments are stored in its task for its whole life,
+/// so keeping them small keeps every idle connection small.
 async fn serve_socket(
     mut socket: Box<WebSocket>,
     state: AppState,
-    tenant: Arc<str>,
-    key_id: Arc<str>,
+    // Released (dropped) only after the socket is closed.
+    slot: ConnectionSlot,
     since: Option<i64>,
     peer: SocketAddr,
     // Held until the socket is closed, so shutdown waits for the close frame.
     _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
+    let (tenant, key_id) = (slot.tenant(), slot.key_id());
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let (sub, replay) = state.hub.subscribe(&tenant, &key_id, since);
-    let conn = state.presence.register(&tenant, &key_id, peer, since);
+    let (sub, replay) = state.hub.subscribe(tenant, key_id, since);
+    let conn = state.presence.register(tenant, key_id, peer, since);
     let reason = {
         // Pinned once per connection: creating these futures for every frame would register
         // and unregister a waiter under a lock each time.
@@ -208,7 +217,7 @@ async fn serve_socket(
         let mut socket_task = SocketTask {
             socket: &mut socket,
             state: &state,
-            tenant: &tenant,
+            tenant,
             sub: &sub,
             conn: &conn,
             shutdown,
