@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -17,10 +17,12 @@ use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
 use serde::Deserialize;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::limits::{self, ConnectionSlot};
 use super::{AppState, Error};
+use crate::config::Tuning;
 use crate::db::events;
 use crate::db::keys::{self, KeyIdentity};
 use crate::event;
@@ -213,7 +215,9 @@ async fn serve_socket(
         // and unregister a waiter under a lock each time.
         let shutdown = state.shutdown.cancelled();
         let kicked = sub.kicked();
-        tokio::pin!(shutdown, kicked);
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(shutdown, kicked, timer);
+        let now = Instant::now();
         let mut socket_task = SocketTask {
             socket: &mut socket,
             state: &state,
@@ -222,6 +226,13 @@ async fn serve_socket(
             conn: &conn,
             shutdown,
             kicked,
+            live: Liveness {
+                timer,
+                watching: false,
+                ping_due: false,
+                last_heard: now,
+                next_ping: now,
+            },
         };
         socket_task.run(since, replay).await
     };
@@ -265,7 +276,8 @@ enum Stop {
     Ended(DisconnectReason),
 }
 
-/// One POS socket's task: its socket, its queue, and the two ways it can be told to stop.
+/// One POS socket's task: its socket, its queue, the two ways it can be told to stop, and its
+/// liveness watch.
 struct SocketTask<'a, S, K> {
     socket: &'a mut WebSocket,
     state: &'a AppState,
@@ -274,6 +286,26 @@ struct SocketTask<'a, S, K> {
     conn: &'a Registration,
     shutdown: Pin<&'a mut S>,
     kicked: Pin<&'a mut K>,
+    live: Liveness<'a>,
+}
+
+/// When to ping a socket and when to give up on it.
+///
+/// One timer serves both the ping schedule and the liveness deadline (`last_heard` +
+/// `pong_timeout`): it is set for whichever comes first. A received frame only moves
+/// `last_heard`, so no timer is reset per frame; when the timer fires for a deadline that has
+/// since moved, it is re-armed for the new one. A silent peer is therefore dropped
+/// `pong_timeout` after its last frame whatever the ping phase, also while a send to it is
+/// stuck (a peer that stopped reading), and the task holds a single timer, inline.
+struct Liveness<'a> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    /// False during the replay (the socket is not read then, so silence proves nothing).
+    watching: bool,
+    /// A ping fell due while a send was in progress; it goes out next.
+    ping_due: bool,
+    /// When the last frame from the peer arrived (any frame: pong, text, ping).
+    last_heard: Instant,
+    next_ping: Instant,
 }
 
 impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
@@ -309,14 +341,22 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 }
             }
         };
-        let mut ping = tokio::time::interval(self.state.tuning.ping_interval);
-        ping.tick().await;
-        let mut last_heard = Instant::now();
+        let state: &AppState = self.state;
+        let tuning = &state.tuning;
+        self.live.start(tuning);
         loop {
+            if self.live.ping_due {
+                self.live.ping_due = false;
+                if let Err(Stop::Ended(reason)) = self.send(Message::Ping(Default::default())).await
+                {
+                    return reason;
+                }
+                self.live.pinged(tuning);
+            }
             tokio::select! {
                 biased;
                 _ = &mut self.shutdown => return DisconnectReason::Shutdown,
-                _ = &mut self.kicked => return self.kick_reason(),
+                _ = &mut self.kicked => return kick_reason(self.sub),
                 frame = self.sub.recv() => {
                     if let Some(last) = last_sent {
                         if frame.id <= last {
@@ -348,18 +388,15 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                         }
                         // Anything a POS sends proves it is alive; a text frame may be an ack.
                         Some(Ok(msg)) => {
-                            last_heard = Instant::now();
+                            self.live.last_heard = Instant::now();
                             if let Message::Text(text) = msg {
                                 client_message(self.state, self.conn, &text);
                             }
                         }
                     }
                 }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() >= self.state.tuning.pong_timeout {
-                        return DisconnectReason::PingTimeout;
-                    }
-                    if let Err(Stop::Ended(reason)) = self.send(Message::Ping(Default::default())).await {
+                _ = &mut self.live.timer => {
+                    if let Err(Stop::Ended(reason)) = self.live.on_timer(tuning) {
                         return reason;
                     }
                 }
@@ -367,21 +404,21 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         }
     }
 
-    fn kick_reason(&self) -> DisconnectReason {
-        match self.sub.kick_reason() {
-            Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
-            Some(KickReason::SlowConsumer) | None => DisconnectReason::SlowConsumer,
-        }
-    }
-
-    /// Sends one message, giving up as soon as the socket is kicked or the server shuts down
-    /// (a stalled peer must not pin its task).
+    /// Sends one message, giving up as soon as the socket is kicked, the server shuts down or
+    /// (once live) the peer's deadline passes: a stalled peer must not pin its task.
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
-        tokio::select! {
-            biased;
-            r = self.socket.send(msg) => r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
-            _ = &mut self.kicked => Err(Stop::Ended(self.kick_reason())),
-            _ = &mut self.shutdown => Err(Stop::Ended(DisconnectReason::Shutdown)),
+        let send = self.socket.send(msg);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut send => return r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
+                _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.sub))),
+                _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
+                _ = &mut self.live.timer, if self.live.watching => {
+                    self.live.on_timer(&self.state.tuning)?;
+                }
+            }
         }
     }
 
@@ -450,6 +487,56 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         self.state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
         self.conn.delivered(head);
         Ok(head)
+    }
+}
+
+impl Liveness<'_> {
+    /// Starts watching (after the replay): the deadline counts from now.
+    fn start(&mut self, tuning: &Tuning) {
+        self.last_heard = Instant::now();
+        self.next_ping = self.last_heard + tuning.ping_interval;
+        self.watching = true;
+        self.arm(tuning);
+    }
+
+    /// A ping went out: the next one is due an interval from now.
+    fn pinged(&mut self, tuning: &Tuning) {
+        self.next_ping = Instant::now() + tuning.ping_interval;
+        self.arm(tuning);
+    }
+
+    /// The timer fired: the peer's deadline has passed (drop it), or a ping is due (sent by the
+    /// loop, not from inside a send), or the deadline moved since the timer was set (re-arm).
+    fn on_timer(&mut self, tuning: &Tuning) -> Result<(), Stop> {
+        let now = Instant::now();
+        if now >= self.last_heard + tuning.pong_timeout {
+            return Err(Stop::Ended(DisconnectReason::PingTimeout));
+        }
+        if now >= self.next_ping {
+            self.ping_due = true;
+        }
+        self.arm(tuning);
+        Ok(())
+    }
+
+    /// Sets the timer for the deadline, or for the next ping if that comes first and is not
+    /// already due.
+    fn arm(&mut self, tuning: &Tuning) {
+        let deadline = self.last_heard + tuning.pong_timeout;
+        let at = if self.ping_due {
+            deadline
+        } else {
+            deadline.min(self.next_ping)
+        };
+        self.timer.as_mut().reset(at);
+    }
+}
+
+/// Why the hub kicked a socket.
+fn kick_reason(sub: &Subscription) -> DisconnectReason {
+    match sub.kick_reason() {
+        Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
+        Some(KickReason::SlowConsumer) | None => DisconnectReason::SlowConsumer,
     }
 }
 
