@@ -98,6 +98,19 @@ pub struct ServeArgs {
     /// a proxy that hides client addresses).
     #[arg(long, env = "ORDERPUSH_AUTH_FAILURE_LIMIT", default_value_t = crate::http::auth::AUTH_FAILURE_LIMIT)]
     pub auth_failure_limit: u32,
+    /// WebSocket connections this instance holds at most; past it an upgrade is answered 503
+    /// with Retry-After (at least 1).
+    #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS", value_parser = parse_cap,
+          default_value_t = crate::http::limits::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// WebSocket connections one API key may hold at once on this instance (at least 1).
+    #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS_PER_KEY", value_parser = parse_cap,
+          default_value_t = crate::http::limits::MAX_CONNECTIONS_PER_KEY)]
+    pub max_connections_per_key: usize,
+    /// WebSocket connections one tenant may hold at once on this instance (at least 1).
+    #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS_PER_TENANT", value_parser = parse_cap,
+          default_value_t = crate::http::limits::MAX_CONNECTIONS_PER_TENANT)]
+    pub max_connections_per_tenant: usize,
 }
 
 /// `orderpush migrate`.
@@ -253,6 +266,16 @@ fn parse_token(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A connection cap: a whole number of at least 1 (0 would refuse every connection, which is
+/// never what an operator means; there is no "unlimited").
+fn parse_cap(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would refuse every connection)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number of at least 1")),
+    }
+}
+
 /// Parses a duration such as `90s`, `30m`, `24h` or `7d` (a whole number and one unit).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -306,6 +329,18 @@ pub struct Tuning {
     /// Longest replay from the event log, in events; a longer one is answered with
     /// `resync_required` (`replay_too_long`) instead.
     pub max_replay_rows: i64,
+    /// How long a client may take to send a request's headers, from its first byte (from the
+    /// accept for a new connection); see [`crate::http::serve::HEADER_READ_TIMEOUT`].
+    pub http_header_timeout: Duration,
+    /// How long a keep-alive connection may sit idle between requests; see
+    /// [`crate::http::serve::IDLE_TIMEOUT`].
+    pub http_idle_timeout: Duration,
+    /// WebSocket connections this instance holds at most ([`crate::http::limits`]).
+    pub max_connections: usize,
+    /// WebSocket connections one API key may hold at once.
+    pub max_connections_per_key: usize,
+    /// WebSocket connections one tenant may hold at once.
+    pub max_connections_per_tenant: usize,
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
@@ -345,6 +380,11 @@ impl Default for Tuning {
             auth_cooldown: crate::http::auth::AUTH_COOLDOWN,
             drain_timeout: DRAIN_TIMEOUT,
             max_replay_rows: crate::http::ws::MAX_REPLAY_ROWS,
+            http_header_timeout: crate::http::serve::HEADER_READ_TIMEOUT,
+            http_idle_timeout: crate::http::serve::IDLE_TIMEOUT,
+            max_connections: crate::http::limits::MAX_CONNECTIONS,
+            max_connections_per_key: crate::http::limits::MAX_CONNECTIONS_PER_KEY,
+            max_connections_per_tenant: crate::http::limits::MAX_CONNECTIONS_PER_TENANT,
         }
     }
 }
@@ -370,6 +410,16 @@ mod tests {
             "4000d",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn connection_caps_must_be_whole_numbers_of_at_least_one() {
+        assert_eq!(parse_cap("1"), Ok(1));
+        assert_eq!(parse_cap("50000"), Ok(50_000));
+        for bad in ["0", "", "-1", "4.5", "many"] {
+            let e = parse_cap(bad).unwrap_err();
+            assert!(e.contains("at least 1"), "{bad:?}: {e}");
         }
     }
 

@@ -61,6 +61,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 migrate: !args.no_migrate,
                 tuning: Tuning {
                     auth_failure_limit: args.auth_failure_limit,
+                    max_connections: args.max_connections,
+                    max_connections_per_key: args.max_connections_per_key,
+                    max_connections_per_tenant: args.max_connections_per_tenant,
                     ..Tuning::default()
                 },
             };

@@ -53,6 +53,34 @@ impl DisconnectReason {
     }
 }
 
+/// Which cap refused a WebSocket upgrade; a label of `orderpush_connections_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The instance holds its maximum of connections.
+    Total,
+    /// The API key holds its maximum of connections.
+    Key,
+    /// The tenant holds its maximum of connections.
+    Tenant,
+}
+
+impl RefusalReason {
+    const ALL: [RefusalReason; 3] = [
+        RefusalReason::Total,
+        RefusalReason::Key,
+        RefusalReason::Tenant,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::Total => "total",
+            RefusalReason::Key => "key",
+            RefusalReason::Tenant => "tenant",
+        }
+    }
+}
+
 /// Event types with their own label value; everything else (free-form /broadcast types) is
 /// `other`, which keeps the label set bounded.
 const KNOWN_TYPES: [&str; 6] = [
@@ -99,6 +127,7 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     /// POS keys looked up in the database (keys found in the key cache need none).
     pub key_lookups: AtomicU64,
+    connections_refused: [AtomicU64; 3],
     events_db: [AtomicU64; 6],
     events_broadcast: [AtomicU64; 6],
     /// Event frames written to sockets (replay included).
@@ -169,6 +198,15 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.disconnects[i].load(Relaxed) as f64
+    }
+
+    /// Counts one WebSocket upgrade refused (503) because a connection cap was reached.
+    pub fn connection_refused(&self, reason: RefusalReason) {
+        let i = RefusalReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.connections_refused[i].fetch_add(1, Relaxed);
     }
 
     /// Counts one `resync_required` a socket sent instead of a replay.
@@ -386,6 +424,18 @@ impl Metrics {
                 out,
                 "orderpush_resyncs_total{{reason=\"{}\"}} {}",
                 reason.as_str(),
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP orderpush_connections_refused_total WebSocket upgrades refused with 503 because a connection cap was reached, by cap.\n# TYPE orderpush_connections_refused_total counter"
+        );
+        for (reason, n) in RefusalReason::ALL.iter().zip(&self.connections_refused) {
+            let _ = writeln!(
+                out,
+                "orderpush_connections_refused_total{{reason=\"{}\"}} {}",
+                reason.label(),
                 n.load(Relaxed)
             );
         }

@@ -14,7 +14,9 @@ use tracing::{info, warn};
 use crate::activity::Activity;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events};
-use crate::http::{self, AppState, Shared, auth, auth::KeyCache, broadcast};
+use crate::http::{
+    self, AppState, Shared, auth, auth::KeyCache, broadcast, limits::ConnectionLimits,
+};
 use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
@@ -176,6 +178,7 @@ pub async fn run(
         presence,
         activity,
         broadcasts,
+        connection_limits: Arc::new(ConnectionLimits::from_tuning(&config.tuning)),
         tuning: config.tuning.clone(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
@@ -203,10 +206,9 @@ pub async fn run(
         warn!("{warning}");
     }
     info!(addr = %listener.local_addr()?, "orderpush listening");
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    let timeouts = http::serve::Timeouts::from_tuning(&state.tuning);
+    let app = http::router(state);
+    http::serve::serve(listener, app, timeouts, shutdown.clone(), tracker.clone()).await;
 
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

@@ -248,3 +248,26 @@ async fn concurrent_broadcasts_are_batched_without_losing_or_mixing_any() {
         "the unknown tenant's requests wrote nothing"
     );
 }
+
+#[tokio::test]
+async fn an_empty_tenant_is_a_missing_field_400_not_an_unknown_tenant() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let server = TestServer::start(&db).await;
+    let (status, reply) = server
+        .broadcast(&json!({"tenant": "", "event": {"type": "x", "data": 1}}))
+        .await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["success"], false);
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("tenant") && error.contains("empty"),
+        "{error}"
+    );
+    // A tenant that is given but does not exist stays 404.
+    let (status, _) = server
+        .broadcast(&json!({"tenant": "nowhere", "event": {"type": "x", "data": 1}}))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(db.event_count().await, 0, "nothing was written");
+}

@@ -144,3 +144,50 @@ fn help_lists_the_subcommands() {
         assert!(help.contains(sub), "{help}");
     }
 }
+
+#[test]
+fn zero_connection_caps_are_refused_at_start() {
+    let run = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderpush"));
+        cmd.args(args).env_remove("DATABASE_URL");
+        if let Some((name, value)) = env {
+            cmd.env(name, value);
+        }
+        cmd.output().unwrap()
+    };
+    for (args, env, flag) in [
+        (
+            &["serve", "--max-connections", "0"][..],
+            None,
+            "--max-connections",
+        ),
+        (
+            &["serve", "--max-connections-per-key", "0"],
+            None,
+            "--max-connections-per-key",
+        ),
+        (
+            &["serve", "--max-connections-per-tenant", "0"],
+            None,
+            "--max-connections-per-tenant",
+        ),
+        (
+            &["serve"],
+            Some(("ORDERPUSH_MAX_CONNECTIONS_PER_KEY", "0")),
+            "--max-connections-per-key",
+        ),
+        (
+            &["serve", "--max-connections=-3"],
+            None,
+            "--max-connections",
+        ),
+    ] {
+        let out = run(args, env);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("at least 1"),
+            "{args:?} {env:?}: {stderr}"
+        );
+    }
+}

@@ -4,11 +4,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::Message;
 
 use crate::common::*;
@@ -368,38 +368,76 @@ async fn a_slow_consumer_gets_1013_while_a_fast_one_gets_everything_then_resumes
     );
 }
 
+/// The dead-peer test's ping interval and timeout: the interval is half the timeout, so a live
+/// client that answers every ping is never near the deadline, while a drop that waited for the
+/// next ping tick would come up to a whole interval (4 s) after the deadline.
+const DEAD_PEER_PING: Duration = Duration::from_secs(4);
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(8);
+/// How much later than the deadline the client may see the drop: timer and loopback delays on
+/// a busy 2-core machine, generously, yet well below the 3.5 s a ping-tick check would add.
+const DEAD_PEER_SLACK: Duration = Duration::from_secs(2);
+/// How long after a ping the silent peer sends its one frame: late enough that a ping tick
+/// falling exactly on its deadline could not catch it (ticks are never early, pongs can be
+/// sub-millisecond), early enough that the tick after would come 3.5 s late.
+const DEAD_PEER_PAUSE: Duration = Duration::from_millis(500);
+
 #[tokio::test]
-async fn a_peer_that_never_answers_pings_is_dropped_and_a_live_one_is_kept() {
+async fn a_silent_peer_is_dropped_on_its_own_deadline_and_a_live_one_is_kept() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
     let server = TestServer::start_with(&db, |c| {
-        c.tuning.ping_interval = Duration::from_millis(200);
-        c.tuning.pong_timeout = Duration::from_secs(1);
+        c.tuning.ping_interval = DEAD_PEER_PING;
+        c.tuning.pong_timeout = DEAD_PEER_TIMEOUT;
     })
     .await;
-    // A raw client: upgrades, then never reads or writes a byte (so never answers a ping).
+    // A raw client: upgrades, answers the first ping with one frame, then is silent for good.
     let mut dead = raw_ws_connect(server.addr, "/ws/pos/kitchen", &key, None).await;
     let mut live = Pos::connect(&server, "kitchen", &key, None).await;
-
-    // The live client keeps reading (tungstenite answers pings) through several timeouts.
-    assert!(live.next_within(Duration::from_secs(3)).await.is_none());
-    // By now the dead one was dropped: its socket has pings in it, then the end.
     let mut buf = vec![0u8; 64 * 1024];
-    let mut bytes = Vec::new();
-    loop {
+    let mut before = Vec::new();
+    while !before.windows(2).any(|w| w == [0x89, 0x00]) {
         let n = tokio::time::timeout(WAIT, dead.read(&mut buf))
             .await
-            .expect("the server closes the dead peer's connection")
-            .unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        bytes.extend_from_slice(&buf[..n]);
+            .expect("the server pings")
+            .unwrap();
+        assert!(n > 0, "closed before the first ping");
+        before.extend_from_slice(&buf[..n]);
     }
+    // Just after a ping tick: a drop that waited for a tick would come almost a whole interval
+    // late. (A masked, empty pong: FIN + opcode 0xA, mask bit + length 0, a zero mask key.)
+    tokio::time::sleep(DEAD_PEER_PAUSE).await;
+    dead.write_all(&[0x8A, 0x80, 0, 0, 0, 0]).await.unwrap();
+    let last_frame = Instant::now();
+
+    // The live client keeps reading (tungstenite answers pings) while the dead one is watched.
+    let watch_dead = async {
+        let mut after = Vec::new();
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(30), dead.read(&mut buf))
+                .await
+                .expect("the server drops the silent peer")
+                .unwrap_or(0);
+            if n == 0 {
+                return (after, last_frame.elapsed());
+            }
+            after.extend_from_slice(&buf[..n]);
+        }
+    };
+    let watch_live = live.next_within(DEAD_PEER_TIMEOUT + DEAD_PEER_SLACK + DEAD_PEER_PING);
+    let ((after, silent_for), event) = tokio::join!(watch_dead, watch_live);
+    assert!(event.is_none(), "no event was sent: {event:?}");
     assert!(
-        bytes.windows(2).any(|w| w == [0x89, 0x00]),
-        "the server pinged it before giving up"
+        silent_for >= DEAD_PEER_TIMEOUT - Duration::from_millis(10),
+        "dropped {silent_for:?} after its last frame, before the {DEAD_PEER_TIMEOUT:?} deadline"
+    );
+    assert!(
+        silent_for <= DEAD_PEER_TIMEOUT + DEAD_PEER_SLACK,
+        "dropped {silent_for:?} after its last frame: the deadline is {DEAD_PEER_TIMEOUT:?}"
+    );
+    assert!(
+        after.windows(2).any(|w| w == [0x89, 0x00]),
+        "the server kept pinging it after its last frame"
     );
     assert_eq!(
         metric(
@@ -410,6 +448,7 @@ async fn a_peer_that_never_answers_pings_is_dropped_and_a_live_one_is_kept() {
         1.0
     );
 
+    // The live one, connected for longer than the timeout, answered every ping and stays.
     server
         .broadcast(&json!({"tenant": "kitchen", "event": {"type": "still_here", "data": 1}}))
         .await;

@@ -2,6 +2,7 @@
 
 mod admin;
 mod big_frames;
+mod bounds;
 mod broadcast;
 mod browser_auth;
 mod chaos;

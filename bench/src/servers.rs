@@ -77,6 +77,12 @@ impl Server {
                 c.arg("serve")
                     .args(["--database-url", &spec.database_url])
                     .args(["--listen", &spec.addr().to_string()])
+                    // The scenarios share one key per tenant among many simulated terminals, and
+                    // put up to all of --clients (at most 15,000) on one tenant: lift the
+                    // per-key and per-tenant caps above that, as an operator would for such a
+                    // fleet.
+                    .args(["--max-connections-per-key", "15000"])
+                    .args(["--max-connections-per-tenant", "15000"])
                     .env(
                         "RUST_LOG",
                         std::env::var("BENCH_SERVER_LOG").unwrap_or("warn".into()),

@@ -191,6 +191,12 @@ fn parse(bytes: &[u8], idempotency_key: Option<String>) -> Result<Broadcast, Err
             )));
         }
     }
+    if req.tenant.is_empty() {
+        // No tenant named at all: a missing field, not an unknown tenant.
+        return Err(Error::BadRequest(
+            "tenant must not be empty: name the tenant's slug".into(),
+        ));
+    }
     if !is_valid_tenant_slug(&req.tenant) {
         // Cannot exist (the tenants table's CHECK constraint): unknown, without a query.
         return Err(Error::NotFound(format!(
@@ -504,5 +510,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, Error::NotFound(_)));
+        let e = parse(br#"{"tenant":"","event":{"type":"x","data":1}}"#, None).unwrap_err();
+        assert!(matches!(e, Error::BadRequest(_)), "{e}");
+        assert!(e.to_string().contains("tenant must not be empty"), "{e}");
     }
 }

@@ -54,6 +54,14 @@ pub enum Error {
         "the API key cannot be verified right now (database unreachable); retry in {0} seconds"
     )]
     KeyUnverifiable(u64),
+    /// 503 with `Retry-After`: a connection cap is reached; the message says which.
+    #[error("{message}")]
+    OverCapacity {
+        /// Which cap, for the client.
+        message: String,
+        /// Seconds after which a retry may succeed.
+        retry_after: u64,
+    },
     /// 500: a bug or an unexpected database error; logged in full.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -72,7 +80,9 @@ impl Error {
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable | Error::KeyUnverifiable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable | Error::KeyUnverifiable(_) | Error::OverCapacity { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,7 +117,11 @@ impl IntoResponse for Error {
         }
         let mut response = (self.status(), Json(body)).into_response();
         match self {
-            Error::TooManyRequests(secs) | Error::KeyUnverifiable(secs) => {
+            Error::TooManyRequests(secs)
+            | Error::KeyUnverifiable(secs)
+            | Error::OverCapacity {
+                retry_after: secs, ..
+            } => {
                 if let Ok(v) = secs.to_string().parse() {
                     response
                         .headers_mut()

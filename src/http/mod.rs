@@ -6,6 +6,8 @@ pub mod auth;
 pub mod broadcast;
 pub mod error;
 pub mod health;
+pub mod limits;
+pub mod serve;
 pub mod status;
 pub mod ws;
 
@@ -61,6 +63,8 @@ pub struct Shared {
     pub broadcasts: broadcast::Writer,
     /// Intervals and bounds.
     pub tuning: Tuning,
+    /// The caps on WebSocket connections and their counts.
+    pub connection_limits: Arc<limits::ConnectionLimits>,
     /// Cancelled when the server shuts down: sockets send 1001 and end.
     pub shutdown: CancellationToken,
     /// Tracks every socket task so shutdown can wait for their close frames.

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -17,10 +17,13 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::auth::{self, Caller, KeyRefusal, VerifiedKey};
+use super::limits::{self, ConnectionSlot};
 use super::{AppState, Error};
+use crate::config::Tuning;
 use crate::db::events;
 use crate::db::keys;
 use crate::event;
@@ -126,7 +129,26 @@ async fn upgrade(
         Ok(ws) => ws,
         Err(rejection) => return Ok(axum::response::IntoResponse::into_response(rejection)),
     };
-    let tenant: Arc<str> = Arc::from(tenant);
+    // Reserved before the upgrade, released when the socket ends: the slot moves into the
+    // upgrade callback, so it is also released if that callback never runs (the client went
+    // away before the upgrade completed).
+    let (tenant, key_id): (Arc<str>, Arc<str>) = (tenant.into(), key.identity.id.into());
+    let slot = match state
+        .connection_limits
+        .reserve(Arc::clone(&tenant), Arc::clone(&key_id))
+    {
+        Ok(slot) => slot,
+        Err(reason) => {
+            state.metrics.connection_refused(reason);
+            info!(%tenant, %key_id, cap = reason.label(), "WebSocket refused: connection cap reached");
+            return Err(Error::OverCapacity {
+                message: state.connection_limits.refusal_message(reason),
+                retry_after: limits::CAP_RETRY_AFTER.as_secs(),
+            });
+        }
+    };
+    let generation = key.generation;
+    let tenant_since = key.identity.tenant_since;
     // The token keeps the tracker open from now on, so shutdown waits for this socket too.
     let token = state.tracker.token();
     Ok(ws
@@ -140,11 +162,10 @@ async fn upgrade(
             serve_socket(
                 Box::new(socket),
                 state,
-                tenant,
-                SocketKey {
-                    id: key.identity.id.into(),
-                    generation: key.generation,
-                    tenant_since: key.identity.tenant_since,
+                slot,
+                KeyFacts {
+                    generation,
+                    tenant_since,
                 },
                 since,
                 peer,
@@ -209,41 +230,38 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
-/// The key a socket authenticated with: its public id (shared), the key cache's change
-/// generation when it was verified, and since when its tenant exists (nothing older is its).
-struct SocketKey {
-    id: Arc<str>,
+/// What was known of a socket's key when it was verified.
+struct KeyFacts {
+    /// The key cache's change generation then: a change after it closes the socket.
     generation: u64,
+    /// When the key's tenant was created: nothing older is this tenant's.
     tenant_since: Option<std::time::SystemTime>,
 }
 
-/// Runs one POS socket from upgrade to close. The socket arrives boxed and the key id shared:
-/// an async fn's arguments are stored in its task for its whole life, so keeping them small
-/// keeps every idle connection small.
+/// Runs one POS socket from upgrade to close. The socket arrives boxed and the tenant and key
+/// id shared (in the slot): an async fn's arguments are stored in its task for its whole life,
+/// so keeping them small keeps every idle connection small.
 async fn serve_socket(
     mut socket: Box<WebSocket>,
     state: AppState,
-    tenant: Arc<str>,
-    key: SocketKey,
+    // Released (dropped) only after the socket is closed.
+    slot: ConnectionSlot,
+    key: KeyFacts,
     since: Option<i64>,
     peer: SocketAddr,
     // Held until the socket is closed, so shutdown waits for the close frame.
     _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
-    let SocketKey {
-        id: key_id,
-        generation: key_generation,
-        tenant_since,
-    } = key;
+    let (tenant, key_id) = (slot.tenant(), slot.key_id());
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
     let (sub, replay) = state
         .hub
-        .subscribe_after(&tenant, &key_id, since, tenant_since);
-    let conn = state.presence.register(&tenant, &key_id, peer, since);
-    let reason = if !state.keys.still_valid(&key_id, &tenant, key_generation) {
+        .subscribe_after(tenant, key_id, since, key.tenant_since);
+    let conn = state.presence.register(tenant, key_id, peer, since);
+    let reason = if !state.keys.still_valid(key_id, tenant, key.generation) {
         // The key was revoked or moved while this socket was being set up: that change found
         // no socket here to close, so close it now.
         DisconnectReason::KeyRevoked
@@ -252,15 +270,24 @@ async fn serve_socket(
         // and unregister a waiter under a lock each time.
         let shutdown = state.shutdown.cancelled();
         let kicked = sub.kicked();
-        tokio::pin!(shutdown, kicked);
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(shutdown, kicked, timer);
+        let now = Instant::now();
         let mut socket_task = SocketTask {
             socket: &mut socket,
             state: &state,
-            tenant: &tenant,
+            tenant,
             sub: &sub,
             conn: &conn,
             shutdown,
             kicked,
+            live: Liveness {
+                timer,
+                watching: false,
+                ping_due: false,
+                last_heard: now,
+                next_ping: now,
+            },
         };
         socket_task.run(since, replay).await
     };
@@ -304,7 +331,8 @@ enum Stop {
     Ended(DisconnectReason),
 }
 
-/// One POS socket's task: its socket, its queue, and the two ways it can be told to stop.
+/// One POS socket's task: its socket, its queue, the two ways it can be told to stop, and its
+/// liveness watch.
 struct SocketTask<'a, S, K> {
     socket: &'a mut WebSocket,
     state: &'a AppState,
@@ -313,6 +341,26 @@ struct SocketTask<'a, S, K> {
     conn: &'a Registration,
     shutdown: Pin<&'a mut S>,
     kicked: Pin<&'a mut K>,
+    live: Liveness<'a>,
+}
+
+/// When to ping a socket and when to give up on it.
+///
+/// One timer serves both the ping schedule and the liveness deadline (`last_heard` +
+/// `pong_timeout`): it is set for whichever comes first. A received frame only moves
+/// `last_heard`, so no timer is reset per frame; when the timer fires for a deadline that has
+/// since moved, it is re-armed for the new one. A silent peer is therefore dropped
+/// `pong_timeout` after its last frame whatever the ping phase, also while a send to it is
+/// stuck (a peer that stopped reading), and the task holds a single timer, inline.
+struct Liveness<'a> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    /// False during the replay (the socket is not read then, so silence proves nothing).
+    watching: bool,
+    /// A ping fell due while a send was in progress; it goes out next.
+    ping_due: bool,
+    /// When the last frame from the peer arrived (any frame: pong, text, ping).
+    last_heard: Instant,
+    next_ping: Instant,
 }
 
 impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
@@ -352,14 +400,22 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 }
             }
         };
-        let mut ping = tokio::time::interval(self.state.tuning.ping_interval);
-        ping.tick().await;
-        let mut last_heard = Instant::now();
+        let state: &AppState = self.state;
+        let tuning = &state.tuning;
+        self.live.start(tuning);
         loop {
+            if self.live.ping_due {
+                self.live.ping_due = false;
+                if let Err(Stop::Ended(reason)) = self.send(Message::Ping(Default::default())).await
+                {
+                    return reason;
+                }
+                self.live.pinged(tuning);
+            }
             tokio::select! {
                 biased;
                 _ = &mut self.shutdown => return DisconnectReason::Shutdown,
-                _ = &mut self.kicked => return self.kick_reason(),
+                _ = &mut self.kicked => return kick_reason(self.sub),
                 frame = self.sub.recv() => {
                     if frame.rewind {
                         // The log went backwards: a socket that was sent more than it now holds
@@ -402,31 +458,18 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                         }
                         // Anything a POS sends proves it is alive; a text frame may be an ack.
                         Some(Ok(msg)) => {
-                            last_heard = Instant::now();
+                            self.live.last_heard = Instant::now();
                             if let Message::Text(text) = msg {
                                 client_message(self.state, self.conn, &text);
                             }
                         }
                     }
                 }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() >= self.state.tuning.pong_timeout {
-                        return DisconnectReason::PingTimeout;
-                    }
-                    if let Err(Stop::Ended(reason)) = self.send(Message::Ping(Default::default())).await {
+                _ = &mut self.live.timer => {
+                    if let Err(Stop::Ended(reason)) = self.live.on_timer(tuning) {
                         return reason;
                     }
                 }
-            }
-        }
-    }
-
-    fn kick_reason(&self) -> DisconnectReason {
-        match self.sub.kick_reason() {
-            Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
-            // A stalled drain is a slow consumer too: same close code (1013), same remedy.
-            Some(KickReason::SlowConsumer | KickReason::Stalled) | None => {
-                DisconnectReason::SlowConsumer
             }
         }
     }
@@ -437,11 +480,21 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     /// of our own per send or per socket.
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
         self.sub.write_started();
-        let result = tokio::select! {
-            biased;
-            r = self.socket.send(msg) => r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
-            _ = &mut self.kicked => Err(Stop::Ended(self.kick_reason())),
-            _ = &mut self.shutdown => Err(Stop::Ended(DisconnectReason::Shutdown)),
+        let send = self.socket.send(msg);
+        tokio::pin!(send);
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut send => break r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
+                _ = &mut self.kicked => break Err(Stop::Ended(kick_reason(self.sub))),
+                _ = &mut self.shutdown => break Err(Stop::Ended(DisconnectReason::Shutdown)),
+                // Once live, the peer's deadline also ends a send it does not read.
+                _ = &mut self.live.timer, if self.live.watching => {
+                    if let Err(stop) = self.live.on_timer(&self.state.tuning) {
+                        break Err(stop);
+                    }
+                }
+            }
         };
         if result.is_ok() {
             self.sub.write_done();
@@ -526,7 +579,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         let result = tokio::select! {
             biased;
             _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
-            _ = &mut self.kicked => return Err(Stop::Ended(self.kick_reason())),
+            _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.sub))),
             r = read => r,
         };
         result.map_err(|e| {
@@ -548,6 +601,59 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         self.state.metrics.resync(reason);
         self.conn.delivered(head);
         Ok(head)
+    }
+}
+
+impl Liveness<'_> {
+    /// Starts watching (after the replay): the deadline counts from now.
+    fn start(&mut self, tuning: &Tuning) {
+        self.last_heard = Instant::now();
+        self.next_ping = self.last_heard + tuning.ping_interval;
+        self.watching = true;
+        self.arm(tuning);
+    }
+
+    /// A ping went out: the next one is due an interval from now.
+    fn pinged(&mut self, tuning: &Tuning) {
+        self.next_ping = Instant::now() + tuning.ping_interval;
+        self.arm(tuning);
+    }
+
+    /// The timer fired: the peer's deadline has passed (drop it), or a ping is due (sent by the
+    /// loop, not from inside a send), or the deadline moved since the timer was set (re-arm).
+    fn on_timer(&mut self, tuning: &Tuning) -> Result<(), Stop> {
+        let now = Instant::now();
+        if now >= self.last_heard + tuning.pong_timeout {
+            return Err(Stop::Ended(DisconnectReason::PingTimeout));
+        }
+        if now >= self.next_ping {
+            self.ping_due = true;
+        }
+        self.arm(tuning);
+        Ok(())
+    }
+
+    /// Sets the timer for the deadline, or for the next ping if that comes first and is not
+    /// already due.
+    fn arm(&mut self, tuning: &Tuning) {
+        let deadline = self.last_heard + tuning.pong_timeout;
+        let at = if self.ping_due {
+            deadline
+        } else {
+            deadline.min(self.next_ping)
+        };
+        self.timer.as_mut().reset(at);
+    }
+}
+
+/// Why the hub kicked a socket.
+fn kick_reason(sub: &Subscription) -> DisconnectReason {
+    match sub.kick_reason() {
+        Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
+        // A stalled drain is a slow consumer too: same close code (1013), same remedy.
+        Some(KickReason::SlowConsumer | KickReason::Stalled) | None => {
+            DisconnectReason::SlowConsumer
+        }
     }
 }
 
