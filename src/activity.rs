@@ -179,6 +179,7 @@ mod tests {
             data: r#"{"customerName":"secret"}"#.into(),
             origin: Origin::Db,
             emitted_at: SystemTime::now(),
+            truncated: false,
         }
     }
 

@@ -1,7 +1,11 @@
 //! The event envelope: one row of the event log and the exact JSON text frame a POS receives.
 
+mod fit;
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use fit::TooLarge;
 
 /// Largest frame a POS is ever sent (the envelope included). Events rendered larger are
 /// shortened once, where they are stored, and marked `"truncated": true` (docs/protocol.md), so
@@ -86,6 +90,8 @@ pub struct Event {
     pub origin: Origin,
     /// When the row was written (for the commit-to-send latency metric).
     pub emitted_at: SystemTime,
+    /// `data` was shortened to fit [`MAX_FRAME_BYTES`]; the frame says so.
+    pub truncated: bool,
 }
 
 impl Event {
@@ -105,6 +111,7 @@ impl Event {
             data: data.to_string(),
             origin: Origin::Db,
             emitted_at: SystemTime::now(),
+            truncated: false,
         }
     }
 
@@ -117,13 +124,40 @@ impl Event {
             &self.timestamp,
             &self.data,
             self.id,
+            self.truncated,
         )
     }
 }
 
-/// Builds an envelope from its parts; `data` must already be valid JSON text.
-pub fn envelope(kind: &str, tenant: &str, timestamp: &str, data: &str, id: i64) -> String {
-    let mut out = String::with_capacity(data.len() + kind.len() + tenant.len() + 96);
+/// `data` as it may be stored: unchanged when its frame fits [`MAX_FRAME_BYTES`], else shortened
+/// with every key kept (the bool says it was). Done once, where the event is stored, so every
+/// instance and every replay sends the same bytes.
+pub fn fit_data(
+    kind: &str,
+    tenant: &str,
+    timestamp: &str,
+    data: String,
+) -> Result<(String, bool), TooLarge> {
+    // The largest envelope around `data`: the longest id and the truncation mark.
+    let overhead = envelope(kind, tenant, timestamp, "", i64::MAX, true).len();
+    let budget = MAX_FRAME_BYTES.saturating_sub(overhead);
+    match fit::shorten(&data, budget)? {
+        None => Ok((data, false)),
+        Some(shorter) => Ok((shorter, true)),
+    }
+}
+
+/// Builds an envelope from its parts; `data` must already be valid JSON text. `truncated` adds
+/// `"truncated": true` after the id (docs/protocol.md).
+pub fn envelope(
+    kind: &str,
+    tenant: &str,
+    timestamp: &str,
+    data: &str,
+    id: i64,
+    truncated: bool,
+) -> String {
+    let mut out = String::with_capacity(data.len() + kind.len() + tenant.len() + 112);
     out.push_str("{\"type\":");
     push_json_str(&mut out, kind);
     out.push_str(",\"tenant\":");
@@ -134,6 +168,9 @@ pub fn envelope(kind: &str, tenant: &str, timestamp: &str, data: &str, id: i64) 
     out.push_str(data);
     out.push_str(",\"id\":");
     out.push_str(&id.to_string());
+    if truncated {
+        out.push_str(",\"truncated\":true");
+    }
     out.push('}');
     out
 }
@@ -148,6 +185,7 @@ pub fn resync_required(tenant: &str, reason: ResyncReason, since: i64, latest: i
         &iso_now(),
         &data.to_string(),
         latest,
+        false,
     )
 }
 
@@ -164,7 +202,11 @@ pub fn iso_now() -> String {
 /// Formats a time as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
 pub fn iso(t: SystemTime) -> String {
     let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since_epoch.as_secs() as i64;
+    iso_from_unix(since_epoch.as_secs() as i64, since_epoch.subsec_millis())
+}
+
+/// Formats seconds since 1970 (negative before) and milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn iso_from_unix(secs: i64, millis: u32) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     format!(
@@ -172,8 +214,26 @@ pub fn iso(t: SystemTime) -> String {
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
-        since_epoch.subsec_millis()
+        millis.min(999)
     )
+}
+
+/// [`iso_from_unix`] for fractional seconds, as Postgres's `extract(epoch …)` gives them.
+pub fn iso_from_unix_f64(secs: f64) -> String {
+    let whole = secs.floor();
+    let millis = ((secs - whole) * 1000.0).floor() as u32;
+    iso_from_unix(whole as i64, millis)
+}
+
+/// A proleptic Gregorian date to days since 1970-01-01 (Howard Hinnant's algorithm).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (i64::from(month) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -202,14 +262,46 @@ mod tests {
         assert_eq!(iso(t), "2025-10-11T14:00:00.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(iso(leap), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso_from_unix(-1, 500), "1969-12-31T23:59:59.500Z");
+        for (y, m, d) in [
+            (1970, 1, 1),
+            (2000, 2, 29),
+            (1899, 12, 31),
+            (9999, 12, 31),
+            (1, 1, 1),
+        ] {
+            assert_eq!(civil_from_days(days_from_civil(y, m, d)), (y, m, d));
+        }
     }
 
     #[test]
     fn envelope_is_valid_json_with_escaped_strings() {
-        let f = envelope("a\"b", "kitchen", "t", r#"{"x":[1,2.50]}"#, 7);
+        let f = envelope("a\"b", "kitchen", "t", r#"{"x":[1,2.50]}"#, 7, false);
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["type"], "a\"b");
         assert_eq!(v["data"]["x"][1], 2.5);
         assert_eq!(v["id"], 7);
+        assert!(v.get("truncated").is_none());
+        let t = envelope("x", "kitchen", "t", "{}", 7, true);
+        assert!(t.ends_with(r#""id":7,"truncated":true}"#), "{t}");
+    }
+
+    #[test]
+    fn fit_data_keeps_the_frame_within_the_limit() {
+        let note = "n".repeat(700 * 1024);
+        let data = format!(r#"{{"orderId":"a","specialInstructions":"{note}"}}"#);
+        let (small, truncated) =
+            fit_data("new_order", "kitchen", &iso_now(), data.clone()).unwrap();
+        assert!(!truncated);
+        assert_eq!(small, data);
+        let big = format!(r#"{{"orderId":"a","specialInstructions":"{note}{note}"}}"#);
+        let (fitted, truncated) = fit_data("new_order", "kitchen", &iso_now(), big).unwrap();
+        assert!(truncated);
+        let frame = envelope("new_order", "kitchen", &iso_now(), &fitted, i64::MAX, true);
+        assert!(frame.len() <= MAX_FRAME_BYTES);
+        assert!(
+            frame.len() > MAX_FRAME_BYTES - 64,
+            "only what is needed is cut"
+        );
     }
 }

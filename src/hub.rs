@@ -24,6 +24,9 @@ pub struct Frame {
     pub text: Utf8Bytes,
     /// When the event was written: resumes from memory honour the retention as the log does.
     pub emitted_at: SystemTime,
+    /// A `resync_required` (`log_rewound`) after the log went backwards: the socket sends it
+    /// although its id is not above the last one sent, and continues from that id.
+    pub rewind: bool,
 }
 
 /// Why the hub (or the revocation check) ended a subscription.
@@ -355,6 +358,18 @@ impl Hub {
         key_id: &str,
         since: Option<i64>,
     ) -> (Subscription, Replay) {
+        self.subscribe_after(tenant, key_id, since, None)
+    }
+
+    /// [`Hub::subscribe`] for a tenant that exists since `tenant_since`: frames written before
+    /// it (by an earlier tenant under the same slug) are never served from memory.
+    pub fn subscribe_after(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        key_id: &str,
+        since: Option<i64>,
+        tenant_since: Option<SystemTime>,
+    ) -> (Subscription, Replay) {
         let mailbox = Arc::new(Mailbox::default());
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
         let entry = Client {
@@ -366,7 +381,8 @@ impl Hub {
             let mut map = lock(&self.tenants);
             let mut t = lock(map.entry(Arc::clone(tenant)).or_default());
             t.clients.insert(client, entry);
-            t.replay_after(since, SystemTime::now().checked_sub(self.retention))
+            let retained = SystemTime::now().checked_sub(self.retention);
+            t.replay_after(since, retained.max(tenant_since))
         };
         let sub = Subscription {
             mailbox,
@@ -393,6 +409,41 @@ impl Hub {
             t.recent_bytes = 0;
             t.last_id = Some(last_id);
         }
+    }
+
+    /// The log went backwards to `to_id` for this tenant (a restore, or the tenant created again
+    /// under its slug): forget its recent frames and tell every socket of it to resync from
+    /// `to_id`, the lower id it adopts.
+    pub fn rewind(&self, tenant: &str, to_id: i64) {
+        let state = Arc::clone(lock(&self.tenants).entry(Arc::from(tenant)).or_default());
+        let mut t = lock(&state);
+        let previous = t.last_id.unwrap_or(to_id);
+        t.recent.clear();
+        t.recent_bytes = 0;
+        t.last_id = Some(to_id);
+        if previous <= to_id {
+            // Nothing was published beyond it: no socket can be ahead.
+            return;
+        }
+        let frame = Frame {
+            id: to_id,
+            text: Utf8Bytes::from(crate::event::resync_required(
+                tenant,
+                crate::event::ResyncReason::LogRewound,
+                previous,
+                to_id,
+            )),
+            emitted_at: SystemTime::now(),
+            rewind: true,
+        };
+        t.clients.retain(|_, c| {
+            if c.mailbox.push(&frame, self.queue_bytes, self.queue_frames) {
+                true
+            } else {
+                c.mailbox.fire(KickReason::SlowConsumer);
+                false
+            }
+        });
     }
 
     fn remove(&self, tenant: &str, client: u64) {
@@ -555,6 +606,7 @@ mod tests {
             emitted_at: SystemTime::now(),
             id,
             text: Utf8Bytes::from(text.to_owned()),
+            rewind: false,
         }
     }
 

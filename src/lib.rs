@@ -36,5 +36,6 @@ pub mod listener;
 pub mod metrics;
 pub mod presence;
 pub mod revocation;
+pub mod sequencer;
 pub mod server;
 pub mod tail;

@@ -1,77 +1,66 @@
-//! The listener: one dedicated Postgres connection that LISTENs for wake-ups, reads new event
-//! rows per tenant (the table is the truth, a notification only a hint) and hands them to the
-//! hub in id order. It reconnects with capped backoff and catches up from its cursors, so writes
-//! made while it was away are delivered, in order, once.
+//! The listener: one dedicated Postgres connection per instance that follows the event log by
+//! batch number, as the sequencer commits it (a NOTIFY per batch is the hint, the table the
+//! truth), and hands every event to the hub in order. It reconnects with capped backoff and
+//! continues from its cursor, notices a log that went backwards (a restore, a failover) and tells
+//! the affected sockets, and answers /broadcast requests waiting for their event's id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::{MissedTickBehavior, sleep, timeout};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::activity::Activity;
-use crate::db::events::FollowQueries;
+use crate::db::events::{FollowQueries, LogPosition, LogState};
+use crate::db::sequencer::BATCH_CHANNEL;
 use crate::db::{self, DbError};
 use crate::event::Event;
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::sequencer::TENANT_RESET;
 
-/// The NOTIFY channel the triggers wake us on (migrations/V2).
-pub const CHANNEL: &str = "orderpush";
 /// First reconnect delay: a killed backend is usually replaceable at once.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Reconnect delay cap: a restarting Postgres is retried every few seconds, no faster.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Any listener query slower than this means a dead or wedged connection: reconnect.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows per catch-up read: bounds memory after a long outage; the scan loops until caught up.
-const SCAN_LIMIT: i64 = 2_000;
-/// Safety-net poll in `notify` mode; it doubles as the half-open-connection probe.
-const POLL_NOTIFY: Duration = Duration::from_secs(1);
-/// Poll in `gated` mode: bounds the delay of a commit whose wake-up was skipped and which
-/// committed after the follow-up read.
-const POLL_GATED: Duration = Duration::from_millis(100);
-/// Poll in `poll` mode (no NOTIFY at all): the delivery latency a DBA accepts for it.
-const POLL_POLL: Duration = Duration::from_millis(10);
-/// In `gated` mode, a second read this long after each productive read picks up the concurrent
-/// commits that skipped their own NOTIFY (they commit within a WAL flush of the one that
-/// notified); the reads continue while they keep finding events.
-const FOLLOW_UP: Duration = Duration::from_millis(2);
-/// Least time between reads after a read that found one event: enough to let a burst collect.
-const PACE_QUIET: Duration = Duration::from_millis(1);
-/// Least time between reads after a read that found several: under load, reading once per
-/// commit would double the listener's queries for nothing; 2 ms batches a few commits per read
-/// at 1,000 orders/s while adding at most 2 ms to delivery (measured: p99 11 ms at 5 ms pacing,
-/// the counter table's churn, not the read count, dominates the listener's database CPU).
-const PACE_BUSY: Duration = Duration::from_millis(2);
-/// How often the listener re-reads the database's `orderpush.wakeup`: a DBA's change takes
-/// effect within seconds, for one tiny catalog query.
-const MODE_RECHECK: Duration = Duration::from_secs(5);
+/// Rows per read: bounds memory after a long outage; the scan loops until caught up.
+const SCAN_LIMIT: i64 = 500;
+/// Safety-net poll: the sequencer announces every batch, so this only bounds the delay of an
+/// announcement lost while reconnecting; it doubles as the half-open-connection probe.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the listener re-reads the database's `orderpush.wakeup` (the sequencer paces its
+/// reads by it) and checks that staged rows are being numbered.
+const MODE_RECHECK: Duration = Duration::from_secs(2);
 /// The database-level `orderpush.wakeup` (what new sessions get), or NULL when unset.
 const MODE_SQL: &str = "SELECT (SELECT substr(c, length('orderpush.wakeup=') + 1)
        FROM pg_db_role_setting s, unnest(s.setconfig) AS c
        WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
          AND s.setrole = 0 AND c LIKE 'orderpush.wakeup=%')";
-/// /readyz turns 503 when the listener has not completed a read for this long (contract: 10 s).
+/// /readyz turns 503 when the listener has not completed a read for this long (docs/protocol.md:
+/// noticed within 10 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
+/// /readyz turns 503 when a staged row has waited this long: no sequencer is numbering.
+pub const SEQUENCER_STALL: Duration = Duration::from_secs(10);
 /// At most one "no POS connected" warning per tenant per this interval.
 const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
-/// How the triggers wake the listener (`ALTER DATABASE ... SET orderpush.wakeup`).
+/// How the triggers wake the sequencer (`ALTER DATABASE ... SET orderpush.wakeup`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WakeupMode {
-    /// Every emitting transaction notifies.
+    /// Every staging transaction notifies.
     Notify,
-    /// One in-flight transaction at a time notifies; the listener re-reads and polls.
+    /// One in-flight transaction at a time notifies; the sequencer re-reads and polls.
     Gated,
-    /// No NOTIFY; the listener polls.
+    /// No NOTIFY; the sequencer polls.
     Poll,
 }
 
@@ -80,16 +69,30 @@ impl WakeupMode {
         match s {
             Some("notify") => WakeupMode::Notify,
             Some("poll") => WakeupMode::Poll,
-            // The default, as in orderpush.emit(): gated.
+            // The default, as in orderpush.stage(): gated.
             _ => WakeupMode::Gated,
         }
     }
 
-    fn poll_interval(self) -> Duration {
+    /// How often the sequencer polls the staging table in this mode (its safety net): rarely
+    /// when every commit notifies, often when none does.
+    pub fn poll_interval(self) -> Duration {
         match self {
-            WakeupMode::Notify => POLL_NOTIFY,
-            WakeupMode::Gated => POLL_GATED,
-            WakeupMode::Poll => POLL_POLL,
+            WakeupMode::Notify => Duration::from_secs(1),
+            // Bounds the delay of a commit whose wake-up was skipped and which committed after
+            // the follow-up read.
+            WakeupMode::Gated => Duration::from_millis(100),
+            // The delivery latency a DBA accepts for a database without NOTIFY.
+            WakeupMode::Poll => Duration::from_millis(10),
+        }
+    }
+
+    /// The name a DBA sets and sees.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WakeupMode::Notify => "notify",
+            WakeupMode::Gated => "gated",
+            WakeupMode::Poll => "poll",
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct ListenerHealth {
     connected: AtomicBool,
     /// Milliseconds since `started` of the last completed read; 0 = never.
     last_read_ms: AtomicU64,
+    /// A staged row has waited longer than [`SEQUENCER_STALL`] (no sequencer is numbering).
+    sequencer_stalled: AtomicBool,
     mode: Mutex<Option<WakeupMode>>,
 }
 
@@ -110,22 +115,31 @@ impl Default for ListenerHealth {
             started: Instant::now(),
             connected: AtomicBool::new(false),
             last_read_ms: AtomicU64::new(0),
+            sequencer_stalled: AtomicBool::new(false),
             mode: Mutex::new(None),
         }
     }
 }
 
 impl ListenerHealth {
-    /// True when connected and a read completed within [`STALE_AFTER`].
+    /// True when connected, a read completed within [`STALE_AFTER`], and staged rows are being
+    /// numbered.
     pub fn is_following(&self) -> bool {
         let last = self.last_read_ms.load(Ordering::Acquire);
         self.connected.load(Ordering::Acquire)
             && last > 0
             && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
                 <= STALE_AFTER.as_millis() as u64
+            && !self.sequencer_stalled()
     }
 
-    /// The wake-up mode read at the last connect.
+    /// True when a staged row has waited longer than [`SEQUENCER_STALL`]: no instance is
+    /// numbering events (none elected, or the elected one is stuck).
+    pub fn sequencer_stalled(&self) -> bool {
+        self.sequencer_stalled.load(Ordering::Acquire)
+    }
+
+    /// The wake-up mode, as last read from the database.
     pub fn mode(&self) -> Option<WakeupMode> {
         *self.mode.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -143,6 +157,74 @@ impl ListenerHealth {
         let ms = (self.started.elapsed().as_millis() as u64).max(1);
         self.last_read_ms.store(ms, Ordering::Release);
     }
+
+    fn set_mode(&self, mode: WakeupMode) {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
+    }
+}
+
+/// Recently numbered broadcasts remembered for a request that registers late (a retried
+/// request whose original was numbered a moment ago): a few seconds of /broadcast traffic.
+const NUMBERED_REMEMBERED: usize = 4096;
+
+/// /broadcast requests waiting for their staged row to be numbered, by staged row (`gid`). The
+/// listener resolves them as it reads the log, so a request learns its id from whichever
+/// instance numbered it.
+#[derive(Debug, Default)]
+pub struct NumberedWaiters {
+    inner: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    waiting: HashMap<i64, oneshot::Sender<i64>>,
+    recent: VecDeque<(i64, i64)>,
+}
+
+impl NumberedWaiters {
+    /// Waits for staged row `gid`: the receiver gets its event id. Register before the row is
+    /// committed, so the answer cannot pass by unseen. Bounded by the requests in flight (the
+    /// /broadcast writer's queue); [`NumberedWaiters::forget`] removes abandoned ones.
+    pub fn register(&self, gid: i64) -> oneshot::Receiver<i64> {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.lock();
+        if let Some(&(_, id)) = inner.recent.iter().find(|(g, _)| *g == gid) {
+            let _ = tx.send(id);
+        } else {
+            inner.waiting.insert(gid, tx);
+        }
+        rx
+    }
+
+    /// Stops waiting for `gid` (the request gave up or its transaction failed).
+    pub fn forget(&self, gid: i64) {
+        self.lock().waiting.remove(&gid);
+    }
+
+    fn resolve(&self, gid: i64, id: i64) {
+        let mut inner = self.lock();
+        if let Some(tx) = inner.waiting.remove(&gid) {
+            let _ = tx.send(id);
+        }
+        if inner.recent.len() >= NUMBERED_REMEMBERED {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back((gid, id));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where the listener starts: the log's position and every tenant's head, read together before
+/// the server accepts its first socket.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// The last committed batch.
+    pub batch: i64,
+    /// Each tenant's last id.
+    pub heads: Vec<(String, i64)>,
 }
 
 /// Follows the event log and feeds the hub.
@@ -151,15 +233,22 @@ pub struct Listener {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     health: Arc<ListenerHealth>,
-    /// Per tenant, the last id handed to the hub. Kept across reconnects: that is what makes a
-    /// reconnect catch up instead of skipping.
-    cursors: HashMap<Arc<str>, i64>,
+    /// The last row handed to the hub. Kept across reconnects: that is what makes a reconnect
+    /// continue instead of skipping.
+    position: LogPosition,
+    /// The sequencer epoch seen last; a new one that starts at or before `position` means the
+    /// log was rewound.
+    epoch: Option<i64>,
+    /// Per tenant, the last id handed to the hub, to notice holes and rewinds.
+    last_ids: HashMap<Arc<str>, i64>,
     last_undelivered_warning: HashMap<Arc<str>, Instant>,
     /// Where other instances' terminals are known (the undelivered alert); `None` = only this
     /// instance's sockets count.
     presence: Option<Arc<Presence>>,
     /// The status page's record of recent events.
     activity: Option<Arc<Activity>>,
+    /// /broadcast requests waiting for their ids.
+    waiters: Arc<NumberedWaiters>,
 }
 
 /// Aborts the connection-driver task when the listener lets go of a connection.
@@ -173,30 +262,35 @@ impl Drop for AbortOnDrop {
 
 impl Listener {
     /// A listener on its own connection built from `config` (never a pooled one: pooled
-    /// connections do not deliver notifications), starting after the given per-tenant ids.
+    /// connections do not deliver notifications), starting after `start`.
     ///
     /// `start` must be read before the server accepts its first socket: a POS that connects
     /// without `since` is promised every event committed after it connected, and a listener
     /// that picked its starting point later would skip the events in between.
     pub fn new(
         config: &tokio_postgres::Config,
-        start: Vec<(String, i64)>,
+        start: Start,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         health: Arc<ListenerHealth>,
+        waiters: Arc<NumberedWaiters>,
     ) -> Self {
         Self {
             config: db::with_defaults(config, "orderpush-listener"),
             hub,
             metrics,
             health,
-            cursors: start
+            position: LogPosition::after_batch(start.batch),
+            epoch: None,
+            last_ids: start
+                .heads
                 .into_iter()
                 .map(|(t, seq)| (Arc::from(t), seq))
                 .collect(),
             last_undelivered_warning: HashMap::new(),
             presence: None,
             activity: None,
+            waiters,
         }
     }
 
@@ -258,81 +352,78 @@ impl Listener {
             }
         }));
 
-        // LISTEN first, then read: a write committed in between is seen by the read, and its
-        // wake-up, if any, only causes one extra (empty) read.
-        with_timeout(client.batch_execute(&format!("LISTEN {CHANNEL}"))).await?;
+        // LISTEN first, then read: a batch committed in between is seen by the read, and its
+        // announcement only causes one extra (empty) read.
+        with_timeout(client.batch_execute(&format!("LISTEN {BATCH_CHANNEL}"))).await?;
         let mode_query = with_timeout(client.prepare(MODE_SQL)).await?;
-        let mut mode = WakeupMode::parse(
-            with_timeout(client.query_one(&mode_query, &[]))
-                .await?
-                .get::<_, Option<&str>>(0),
-        );
-        *self.health.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
-
         let queries = with_timeout(FollowQueries::prepare(&client)).await?;
+        self.check(&client, &mode_query, &queries).await?;
         self.metrics
             .listener_connects
             .fetch_add(1, Ordering::Relaxed);
         self.scan(&client, &queries).await?;
         self.health.connected.store(true, Ordering::Release);
         self.metrics.listener_up.store(1, Ordering::Relaxed);
-        info!(?mode, "listener following the event log");
+        info!("listener following the event log");
 
-        let mut poll = tokio::time::interval(mode.poll_interval());
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut recheck = tokio::time::interval(MODE_RECHECK);
         recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // The next read, when one is due: a follow-up (gated mode) or a wake-up that came while
-        // reads were being paced.
-        let mut next_read: Option<tokio::time::Instant> = None;
-        // Reads are paced while events keep coming, so that one read collects many commits.
-        let mut not_before = tokio::time::Instant::now();
         loop {
-            let found = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = &mut driver.0 => return Err(DbError::Closed),
-                _ = wake.notified() => {
-                    let now = tokio::time::Instant::now();
-                    if now < not_before {
-                        next_read = Some(next_read.map_or(not_before, |t| t.min(not_before)));
-                        continue;
-                    }
-                    self.scan(&client, &queries).await?
-                }
-                _ = async { sleep_until_opt(next_read).await }, if next_read.is_some() => {
-                    next_read = None;
-                    self.scan(&client, &queries).await?
-                }
-                _ = poll.tick() => self.scan(&client, &queries).await?,
+                _ = wake.notified() => {}
+                _ = poll.tick() => {}
                 _ = recheck.tick() => {
-                    // A DBA may switch the mode at any time; this session's own setting is
-                    // fixed at connect, so read the database's.
-                    let now = WakeupMode::parse(
-                        with_timeout(client.query_one(&mode_query, &[])).await?.get::<_, Option<&str>>(0),
-                    );
-                    if now != mode {
-                        info!(from = ?mode, to = ?now, "wake-up mode changed");
-                        mode = now;
-                        *self.health.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
-                        poll = tokio::time::interval(mode.poll_interval());
-                        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                    }
+                    self.check(&client, &mode_query, &queries).await?;
                     continue;
                 }
-            };
-            let now = tokio::time::Instant::now();
-            not_before = now + pace(found);
-            // Gated mode: while reads keep finding events, keep reading: commits that skipped
-            // their wake-up are then picked up within a few milliseconds, not at the next poll.
-            if mode == WakeupMode::Gated && found > 0 {
-                let at = now + FOLLOW_UP.max(pace(found));
-                next_read = Some(next_read.map_or(at, |t| t.min(at)));
             }
+            self.scan(&client, &queries).await?;
         }
     }
 
-    /// Reads everything committed since the cursors and publishes it, tenant by tenant, in id
-    /// order, until caught up. Returns how many events it delivered.
+    /// Reads the wake-up mode (a DBA may switch it at any time; a session's own setting is fixed
+    /// at connect, so the database's is read) and whether staged rows wait for a sequencer.
+    async fn check(
+        &self,
+        client: &tokio_postgres::Client,
+        mode_query: &tokio_postgres::Statement,
+        queries: &FollowQueries,
+    ) -> Result<(), DbError> {
+        let mode = WakeupMode::parse(
+            with_timeout(client.query_one(mode_query, &[]))
+                .await?
+                .get::<_, Option<&str>>(0),
+        );
+        if self.health.mode() != Some(mode) {
+            info!(mode = mode.as_str(), "wake-up mode");
+            self.health.set_mode(mode);
+        }
+        let age = with_timeout(queries.oldest_staged_age(client)).await?;
+        let stalled = age.is_some_and(|a| a >= SEQUENCER_STALL.as_secs_f64());
+        if stalled
+            != self
+                .health
+                .sequencer_stalled
+                .swap(stalled, Ordering::AcqRel)
+        {
+            if stalled {
+                warn!(
+                    waited_s = age.unwrap_or_default(),
+                    "staged writes are not being numbered: no sequencer is running (or it is stuck)"
+                );
+            } else {
+                info!("staged writes are being numbered again");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads everything committed after the cursor and publishes it in log order, until caught
+    /// up. Returns how many events it delivered.
     async fn scan(
         &mut self,
         client: &tokio_postgres::Client,
@@ -340,59 +431,96 @@ impl Listener {
     ) -> Result<usize, DbError> {
         let mut delivered = 0;
         loop {
-            let heads = with_timeout(queries.heads(client)).await?;
-            let mut ranges = Vec::new();
-            for (tenant, head) in heads {
-                let cursor = self.cursors.get(tenant.as_str()).copied().unwrap_or(0);
-                if head > cursor {
-                    let key = self
-                        .cursors
-                        .get_key_value(tenant.as_str())
-                        .map(|(k, _)| Arc::clone(k));
-                    ranges.push((key.unwrap_or_else(|| Arc::from(tenant)), cursor, head));
-                } else if head < cursor {
-                    // The counter went backwards: the database was restored or the tenant
-                    // recreated. Follow the database; clients with a larger `since` get a resync.
-                    warn!(
-                        tenant,
-                        head, cursor, "tenant's event counter went backwards; following it"
-                    );
-                    self.hub.reset(&tenant, head, Vec::new());
-                    self.cursors.insert(Arc::from(tenant), head);
-                }
+            let (state, rows) = with_timeout(async {
+                let (state, rows) = tokio::join!(
+                    queries.state(client),
+                    queries.read_after(client, &self.position, SCAN_LIMIT)
+                );
+                Ok::<_, DbError>((state?, rows?))
+            })
+            .await?;
+            if let Some(to_batch) = self.rewound(&state) {
+                self.rewind(client, queries, to_batch).await?;
+                continue;
             }
-            if ranges.is_empty() {
-                self.health.read_completed();
-                return Ok(delivered);
-            }
-            let rows = with_timeout(queries.read_ranges(client, &ranges, SCAN_LIMIT)).await?;
-            let truncated = rows.len() as i64 >= SCAN_LIMIT;
+            let full = rows.len() as i64 >= SCAN_LIMIT;
             self.metrics
                 .listener_rows
                 .fetch_add(rows.len() as u64, Ordering::Relaxed);
             delivered += rows.len();
-            for event in rows {
-                self.deliver(event);
+            for (position, gid, event) in rows {
+                self.position = position;
+                self.deliver(event, gid);
             }
-            if !truncated {
-                // Every id up to each head was read (or pruned before we could read it).
-                for (tenant, _, head) in ranges {
-                    self.cursors.insert(tenant, head);
-                }
+            if !full {
                 self.health.read_completed();
                 return Ok(delivered);
             }
         }
     }
 
-    fn deliver(&mut self, event: Event) {
-        let cursor = self.cursors.entry(Arc::clone(&event.tenant)).or_insert(0);
-        if event.id != *cursor + 1 {
+    /// `Some(batch)` when the log went backwards to `batch`: a batch number below what was read,
+    /// or a new sequencer epoch that started at or before it.
+    fn rewound(&mut self, state: &LogState) -> Option<i64> {
+        let read = self.position.batch_read();
+        let previous = self.epoch.replace(state.epoch);
+        if state.batch < read {
+            return Some(state.batch);
+        }
+        if previous.is_some_and(|e| e != state.epoch) && state.epoch_first_batch <= read {
+            return Some(state.epoch_first_batch - 1);
+        }
+        None
+    }
+
+    /// Follows a log restored to `batch`: every tenant whose events this instance delivered
+    /// beyond what the restored log holds is told so (`resync_required`, `log_rewound`, with the
+    /// lower id its sockets adopt), then reading continues after `batch`.
+    async fn rewind(
+        &mut self,
+        client: &tokio_postgres::Client,
+        queries: &FollowQueries,
+        batch: i64,
+    ) -> Result<(), DbError> {
+        let heads = with_timeout(queries.heads_at(client, batch)).await?;
+        let heads: HashMap<String, i64> = heads.into_iter().collect();
+        let mut rewound = 0;
+        for (tenant, last) in self.last_ids.iter_mut() {
+            let head = heads.get(&**tenant).copied().unwrap_or(0);
+            if head < *last {
+                self.hub.rewind(tenant, head);
+                *last = head;
+                rewound += 1;
+            }
+        }
+        warn!(
+            to_batch = batch,
+            tenants = rewound,
+            "the event log went backwards (a restore or a failover); affected POS were told to resync"
+        );
+        self.position = LogPosition::after_batch(batch);
+        Ok(())
+    }
+
+    fn deliver(&mut self, event: Event, gid: Option<i64>) {
+        if event.id == 0 && event.kind == TENANT_RESET {
+            // A tenant deleted and created again under its slug: its log starts over, and
+            // nothing of the previous restaurant may be served from memory.
+            self.hub.rewind(&event.tenant, 0);
+            self.last_ids.insert(Arc::clone(&event.tenant), 0);
+            info!(tenant = %event.tenant, "tenant created again: its event log starts over");
+            return;
+        }
+        let last = self.last_ids.entry(Arc::clone(&event.tenant)).or_insert(0);
+        if event.id != *last + 1 {
             // Rows pruned before this listener read them (it was away longer than the
             // retention). Sockets notice the jump and tell their POS to resync.
-            warn!(tenant = %event.tenant, expected = *cursor + 1, got = event.id, "event ids skipped");
+            warn!(tenant = %event.tenant, expected = *last + 1, got = event.id, "event ids skipped");
         }
-        *cursor = event.id;
+        *last = event.id;
+        if let (crate::event::Origin::Broadcast, Some(gid)) = (event.origin, gid) {
+            self.waiters.resolve(gid, event.id);
+        }
         self.metrics.event_received(event.origin, &event.kind);
         self.metrics.observe_lag(
             SystemTime::now()
@@ -403,6 +531,7 @@ impl Listener {
             emitted_at: event.emitted_at,
             id: event.id,
             text: event.to_frame().into(),
+            rewind: false,
         };
         let delivery = self.hub.publish(&event.tenant, &frame);
         let here = delivery.sent + delivery.failed;
@@ -468,6 +597,8 @@ impl Listener {
                         .map(str::to_owned)
                 })
                 .unwrap_or_else(|| "?".into());
+            // Escaped: an order number is the application's data and must not forge log lines.
+            let number = number.escape_debug();
             warn!(
                 tenant = %event.tenant, id = event.id,
                 "order {number} for tenant {}: {scope}", event.tenant
@@ -478,22 +609,6 @@ impl Listener {
                 "event {} (id {}) for tenant {}: {scope}", event.kind, event.id, event.tenant
             );
         }
-    }
-}
-
-/// How long to wait before the next read, given what the last one found.
-fn pace(found: usize) -> Duration {
-    match found {
-        0 => Duration::ZERO,
-        1 => PACE_QUIET,
-        _ => PACE_BUSY,
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -165,6 +165,14 @@ pub struct Metrics {
     pub listener_rows: AtomicU64,
     /// Events deleted by retention.
     pub pruned_events: AtomicU64,
+    /// 1 while this instance is the elected sequencer, else 0.
+    pub sequencer_leader: AtomicI64,
+    /// Batches this instance's sequencer committed.
+    pub sequencer_batches: AtomicU64,
+    /// Staged rows this instance's sequencer consumed.
+    pub sequencer_rows: AtomicU64,
+    /// Writes that could not become events (each became `resync_required`, `emit_failed`).
+    pub emit_errors: AtomicU64,
     lag_buckets: [AtomicU64; 12],
     lag_count: AtomicU64,
     lag_sum_micros: AtomicU64,
@@ -218,6 +226,14 @@ impl Metrics {
         .fetch_add(1, Relaxed);
     }
 
+    /// Counts one committed sequencer batch: staged rows consumed, events written, failures.
+    pub fn sequencer_batch(&self, rows: usize, events: usize, failures: usize) {
+        let _ = events;
+        self.sequencer_batches.fetch_add(1, Relaxed);
+        self.sequencer_rows.fetch_add(rows as u64, Relaxed);
+        self.emit_errors.fetch_add(failures as u64, Relaxed);
+    }
+
     /// Counts one event that no terminal on any instance received.
     pub fn undelivered(&self, kind: &str) {
         self.undelivered[type_index(kind)].fetch_add(1, Relaxed);
@@ -256,7 +272,12 @@ impl Metrics {
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Relaxed) as f64;
-        let gauges: [(&str, &str, f64); 2] = [
+        let gauges: [(&str, &str, f64); 3] = [
+            (
+                "orderpush_sequencer_leader",
+                "1 while this instance is the elected sequencer.",
+                self.sequencer_leader.load(Relaxed) as f64,
+            ),
             (
                 "orderpush_connections",
                 "Open POS WebSocket connections.",
@@ -268,7 +289,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 17] = [
+        let counters: [(&str, &str, f64); 20] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -348,6 +369,21 @@ impl Metrics {
                 "orderpush_pruned_events_total",
                 "Events deleted by retention.",
                 load(&self.pruned_events),
+            ),
+            (
+                "orderpush_sequencer_batches_total",
+                "Batches of staged rows this instance's sequencer numbered.",
+                load(&self.sequencer_batches),
+            ),
+            (
+                "orderpush_sequencer_rows_total",
+                "Staged rows this instance's sequencer consumed.",
+                load(&self.sequencer_rows),
+            ),
+            (
+                "orderpush_emit_errors_total",
+                "Writes that could not become events (sent as resync_required, emit_failed).",
+                load(&self.emit_errors),
             ),
             (
                 "orderpush_slow_client_disconnects_total",

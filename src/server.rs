@@ -18,10 +18,11 @@ use crate::http::{
     self, AppState, Shared, auth, auth::KeyCache, broadcast, limits::ConnectionLimits,
 };
 use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
-use crate::listener::{Listener, ListenerHealth};
+use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
 use crate::presence::{self, InstanceInfo, Presence};
 use crate::revocation;
+use crate::sequencer::{Sequencer, SequencerHealth};
 
 /// After shutdown starts, how long sockets get to send their 1001 close frames and background
 /// tasks to stop before the process exits anyway.
@@ -107,7 +108,7 @@ pub async fn run(
     // served from memory.
     let start = {
         let client = pool.get().await.map_err(DbError::from)?;
-        let heads = events::heads(&**client).await?;
+        let (batch, heads) = events::start(&**client).await?;
         let recent = events::recent(&**client, RECENT_FRAMES as i64, PRELOAD_WINDOW).await?;
         let mut by_tenant: HashMap<String, Vec<Frame>> = HashMap::new();
         for e in recent {
@@ -115,6 +116,7 @@ pub async fn run(
                 emitted_at: e.emitted_at,
                 id: e.id,
                 text: e.to_frame().into(),
+                rewind: false,
             };
             by_tenant
                 .entry(e.tenant.to_string())
@@ -124,19 +126,30 @@ pub async fn run(
         for (tenant, head) in &heads {
             hub.reset(tenant, *head, by_tenant.remove(tenant).unwrap_or_default());
         }
-        heads
+        Start { batch, heads }
     };
     let presence = Presence::new(InstanceInfo::current(listener.local_addr()?));
     let activity = Arc::new(Activity::default());
+    let waiters = Arc::new(NumberedWaiters::default());
     let follower = Listener::new(
         &config.database,
         start,
         Arc::clone(&hub),
         Arc::clone(&metrics),
         Arc::clone(&listener_health),
+        Arc::clone(&waiters),
     )
     .with_presence(Arc::clone(&presence), Arc::clone(&activity));
     tracker.spawn(follower.run(shutdown.clone()));
+    // Every instance stands for election; one numbers staged rows at a time.
+    let sequencer_health = Arc::new(SequencerHealth::default());
+    let sequencer = Sequencer::new(
+        &config.database,
+        Arc::clone(&metrics),
+        Arc::clone(&sequencer_health),
+        Arc::clone(&listener_health),
+    );
+    tracker.spawn(sequencer.run(shutdown.clone()));
     tracker.spawn(presence::run(
         Arc::clone(&presence),
         config.database.clone(),
@@ -148,7 +161,8 @@ pub async fn run(
     ));
     // Its own pool: no amount of replays, logins or scrapes can keep a broadcast from a
     // connection.
-    let broadcasts = broadcast::Writer::spawn(db::writer_pool(&config.database)?, &tracker);
+    let broadcasts =
+        broadcast::Writer::spawn(db::writer_pool(&config.database)?, waiters, &tracker);
 
     let state = AppState::new(Shared {
         pool: pool.clone(),

@@ -190,14 +190,22 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
         }));
     }
 
-    // Faults: the listeners of both instances killed again and again.
+    // Faults: the listeners of both instances, and the sequencer (elected and standby, in the
+    // middle of a batch or not), killed again and again.
     let admin = admin().await;
     let started = tokio::time::Instant::now();
     let mut kills = 0;
+    let mut sequencer_kills = 0;
     while started.elapsed() < CHAOS_FOR {
         tokio::time::sleep(KILL_EVERY).await;
         kills += kill_listeners(&admin, &db.name).await;
+        tokio::time::sleep(KILL_EVERY / 3).await;
+        sequencer_kills += kill_sequencers(&admin, &db.name).await;
     }
+    assert!(
+        sequencer_kills >= 4,
+        "sequencers were killed ({sequencer_kills})"
+    );
     stop.cancel();
     for w in writers {
         w.await.unwrap();
@@ -206,6 +214,7 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
 
     // Verdict, per tenant, from the log.
     let client = db.client().await;
+    db.wait_numbered().await;
     let mut logs = std::collections::HashMap::new();
     for t in TENANTS {
         let log = event_log(&client, t).await;

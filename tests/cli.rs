@@ -119,6 +119,7 @@ async fn prune_deletes_old_events() {
     let client = db.client().await;
     insert_loyalty(&client, "kitchen", 1).await;
     insert_loyalty(&client, "kitchen", 2).await;
+    number_staged(&db).await;
     client
         .execute(
             "UPDATE orderpush.events SET emitted_at = now() - interval '3 hours' WHERE id = 1",

@@ -3,6 +3,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -331,7 +333,9 @@ async fn triggers_shows_what_is_installed_and_enabled() {
     ] {
         let t = trigger(&report, table, name);
         assert_eq!(t["state"], "enabled", "{t}");
-        assert_eq!(t["deferred"], true);
+        // Plain AFTER ROW triggers: the row is staged at the end of its statement and numbered
+        // after commit (docs/architecture.md).
+        assert_eq!(t["deferred"], false);
     }
 
     let c = db.client().await;
@@ -436,7 +440,9 @@ async fn the_documented_dba_controls_work() {
     };
 
     // Sources: kiosk orders are silent until the DBA adds the source; online ones stop after.
+    // The set applies when an order is numbered, milliseconds after its commit: wait for that.
     order("kiosk", "KIOSK-1").await;
+    db.wait_numbered().await;
     c.batch_execute(ADD_SOURCE).await.unwrap();
     c.batch_execute(REMOVE_SOURCE).await.unwrap();
     order("online", "WEB-1").await;
@@ -484,7 +490,7 @@ async fn the_documented_dba_controls_work() {
     assert_eq!(cancelled, 3, "the job changed the rows");
     let ev = pos.next().await;
     assert_eq!(ev["type"], "resync_required", "{ev}");
-    assert_eq!(ev["data"]["reason"], "bulk_change");
+    assert_eq!(ev["data"]["reason"], "suppressed");
     assert_eq!(ev["id"], 3);
     insert_loyalty(&c, "kitchen", 5).await;
     let ev = pos.next().await;
@@ -531,6 +537,7 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
         "{}",
         text(&out.stderr)
     );
+    db.wait_numbered().await;
     assert_eq!(db.event_count().await, 2);
     server.stop().await;
     // The server's sessions end a moment after its sockets close.
@@ -589,9 +596,9 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
     assert!(status_json(&db).iter().all(|m| m["state"] == "applied"));
     insert_order(&mut c, "kitchen", "KIT-3", 1).await;
     assert_eq!(
-        db.event_count().await,
+        db.staged_count().await,
         1,
-        "triggers emit again after reinstall"
+        "triggers stage again after reinstall"
     );
     let rows: i64 = c
         .query_one("SELECT count(*) FROM orders", &[])
@@ -602,49 +609,18 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
 }
 
 // docs/dba.md's adaptation example, verbatim.
-const ADAPT: &str = r#"CREATE OR REPLACE FUNCTION orderpush.on_order_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    o public.orders%ROWTYPE;
-BEGIN
-    SELECT * INTO o FROM public.orders WHERE id = NEW.id;
-    IF NOT FOUND
-       OR NOT EXISTS (SELECT 1 FROM orderpush.new_order_sources s WHERE s.order_source = o.order_source)
-       OR orderpush.suppressed(o.tenant_slug) THEN
-        RETURN NULL;
-    END IF;
-    PERFORM orderpush.emit(o.tenant_slug, 'new_order', json_build_object(
-        'orderId', o.id,
-        'orderNumber', o.order_number,
-        'customerName', o.customer_name,
-        'customerPhone', o.phone,
-        'orderType', o.order_type,
-        'orderSource', o.order_source,
-        'status', o.status,
-        'totalAmount', o.total_amount,
-        'items', coalesce((
-            SELECT json_agg(json_build_object(
-                       'menuItemId', i.menu_item_id,
-                       'name', i.name,
-                       'quantity', i.quantity,
-                       'price', i.price,
-                       'selectedAddons', i.addons,
-                       'specialInstructions', i.special_instructions) ORDER BY i.id)
-            FROM public.order_items i WHERE i.order_id = o.id), '[]'::json),
-        'specialInstructions', o.notes,
-        'scheduledFor', orderpush.iso(o.scheduled_for),
-        'createdAt', orderpush.iso(o.created_at)));
-    RETURN NULL;
-END
-$$;"#;
+const ADAPT: &str = "INSERT INTO orderpush.field_columns (kind, field, column_name) VALUES
+    ('new_order', 'customerPhone', 'phone'),
+    ('new_order', 'specialInstructions', 'notes'),
+    ('new_order', 'items.selectedAddons', 'addons');";
 
 #[tokio::test]
-async fn an_adapted_trigger_function_installs_atomically_and_reads_other_column_names() {
+async fn other_column_names_are_mapped_without_touching_the_triggers() {
     assert!(
         DBA_MD.contains(ADAPT),
         "docs/dba.md lost the adaptation example"
     );
-    // An existing schema whose column names differ from contract §2.
+    // An existing schema whose column names differ from the reference tables.
     let db = TestDb::create_empty().await;
     migrate_to(&db, 1).await;
     let c = db.client().await;
@@ -656,33 +632,40 @@ async fn an_adapted_trigger_function_installs_atomically_and_reads_other_column_
     )
     .await
     .unwrap();
-    let out = orderpush(&db, &["migrate", "--dry-run", "--single-transaction"]);
+    let out = orderpush(&db, &["migrate"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let install = text(&out.stdout);
-    assert!(!install.lines().any(|l| l == "BEGIN;" || l == "COMMIT;"));
-    // What `psql --single-transaction -f orderpush-install.sql -f V7__orderpush_adapt.sql` does.
-    c.batch_execute(&format!("BEGIN;\n{install}\n{ADAPT}\nCOMMIT;"))
-        .await
-        .unwrap();
-    assert!(status_json(&db).iter().all(|m| m["state"] == "applied"));
-
     let key = db.key("kitchen").await;
     let server = TestServer::start(&db).await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
-    c.batch_execute(
-        "BEGIN;
-         WITH o AS (
-           INSERT INTO orders (tenant_slug, order_number, order_type, order_source, status, total_amount, phone, notes)
-           VALUES ('kitchen', 'KIT-9', 'delivery', 'online', 'confirmed', 12.50, '07700900999', 'Back door')
-           RETURNING id)
-         INSERT INTO order_items (order_id, name, quantity, price, addons)
-         SELECT id, 'Soup', 1, 12.50, '[{\"name\": \"Bread\", \"price\": 0}]' FROM o;
-         COMMIT;",
-    )
-    .await
-    .unwrap();
+    let order = |number: &'static str| {
+        let c = &c;
+        async move {
+            c.batch_execute(&format!(
+                "BEGIN;
+                 WITH o AS (
+                   INSERT INTO orders (tenant_slug, order_number, order_type, order_source, status, total_amount, phone, notes)
+                   VALUES ('kitchen', '{number}', 'delivery', 'online', 'confirmed', 12.50, '07700900999', 'Back door')
+                   RETURNING id)
+                 INSERT INTO order_items (order_id, name, quantity, price, addons)
+                 SELECT id, 'Soup', 1, 12.50, '[{{\"name\": \"Bread\", \"price\": 0}}]' FROM o;
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    // Before the mapping: the writes succeed, and the fields whose columns are gone are null.
+    order("KIT-8").await;
+    let ev = pos.next().await;
+    assert_eq!(ev["data"]["orderNumber"], "KIT-8");
+    assert_eq!(ev["data"]["customerPhone"], Value::Null);
+    assert_eq!(ev["data"]["items"][0]["selectedAddons"], Value::Null);
+    // After it: read from the DBA's columns, from the next order on.
+    c.batch_execute(ADAPT).await.unwrap();
+    order("KIT-9").await;
     let ev = pos.next().await;
     assert_eq!(ev["type"], "new_order");
+    assert_eq!(ev["data"]["orderNumber"], "KIT-9");
     assert_eq!(ev["data"]["customerPhone"], "07700900999");
     assert_eq!(ev["data"]["specialInstructions"], "Back door");
     assert_eq!(ev["data"]["items"][0]["selectedAddons"][0]["name"], "Bread");
@@ -730,4 +713,89 @@ async fn bad_dba_input_fails_clearly_and_changes_nothing() {
     for sub in ["triggers", "uninstall", "tail"] {
         assert!(help.contains(sub), "{help}");
     }
+}
+
+/// The version before the staged write path: events numbered in the writers' transactions.
+const BEFORE_STAGING: i32 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_in_place_under_writers_loses_nothing_and_ids_continue() {
+    let db = TestDb::create_empty().await;
+    migrate_to(&db, BEFORE_STAGING).await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let c = db.client().await;
+    for i in 1..=5 {
+        insert_loyalty(&c, "kitchen", i).await;
+    }
+    assert_eq!(db.event_count().await, 5, "numbered the old way, at commit");
+
+    // An instance of the old version is connected: migrate refuses and names it.
+    let mut old = db.config.clone();
+    old.application_name("orderpush-listener");
+    let old = connect(&old).await;
+    let out = orderpush(&db, &["migrate"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("older orderpush are still connected") && err.contains("orderpush-listener"),
+        "{err}"
+    );
+    assert!(
+        status_json(&db).iter().any(|m| m["state"] == "pending"),
+        "nothing applied"
+    );
+    drop(old);
+    eventually("the old session is gone", WAIT, || async {
+        session_pids(&c, &db.name, "orderpush-listener")
+            .await
+            .is_empty()
+    })
+    .await;
+
+    // Writers keep writing through the upgrade.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let w = db.client().await;
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut i = 5;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                insert_loyalty(&w, "kitchen", i).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = tokio::task::block_in_place(|| orderpush(&db, &["migrate"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+
+    let server = TestServer::start(&db).await;
+    db.wait_numbered().await;
+    let log = event_log(&c, "kitchen").await;
+    let points: Vec<i64> = log
+        .iter()
+        .map(|e| e["data"]["pointsChange"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        points,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "every write, once, in order"
+    );
+    let ids: Vec<i64> = log.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "ids continue without a gap"
+    );
+    let mut pos = Pos::connect(&server, "kitchen", &key, Some(3)).await;
+    assert_eq!(
+        pos.next().await["id"],
+        4,
+        "a POS resumes across the upgrade"
+    );
 }

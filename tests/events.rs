@@ -285,6 +285,6 @@ async fn a_suppressed_bulk_job_emits_one_resync_per_tenant() {
     tx.commit().await.unwrap();
     let ev = pos.next().await;
     assert_eq!(ev["type"], "resync_required");
-    assert_eq!(ev["data"]["reason"], "bulk_change");
+    assert_eq!(ev["data"]["reason"], "suppressed");
     assert_eq!(db.event_count().await, 1);
 }

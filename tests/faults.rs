@@ -62,6 +62,7 @@ async fn eight_concurrent_writers_deliver_every_order_once_in_commit_order() {
 
     let got = kitchen.stop();
     let client = db.client().await;
+    db.wait_numbered().await;
     assert_exactly_the_log("kitchen", &got, &event_log(&client, "kitchen").await);
     let ids: Vec<i64> = got.iter().map(|e| e["id"].as_i64().unwrap()).collect();
     assert_eq!(
@@ -177,6 +178,7 @@ async fn a_listener_killed_again_and_again_loses_nothing_and_readyz_follows_it()
     );
 
     let client = db.client().await;
+    db.wait_numbered().await;
     for (name, collector) in [("kitchen", kitchen), ("bistro", bistro)] {
         let log = event_log(&client, name).await;
         assert!(
@@ -199,6 +201,87 @@ async fn listener_back(admin: &tokio_postgres::Client, db: &str) {
         || async { !listener_pids(admin, db).await.is_empty() },
     )
     .await;
+}
+
+/// Rounds of sequencer kills in the test below, one every [`SEQUENCER_KILL_EVERY`].
+const SEQUENCER_KILL_ROUNDS: usize = 8;
+/// Often enough to land in the middle of batches while writers run.
+const SEQUENCER_KILL_EVERY: Duration = Duration::from_millis(400);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequencer_killed_mid_batch_loses_duplicates_and_reorders_nothing() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    db.tenant("bistro").await;
+    // Two instances: either may hold the election when the other's sequencer is killed.
+    let a = TestServer::start(&db).await;
+    let b = TestServer::start(&db).await;
+    let kitchen =
+        Collector::spawn(Pos::connect(&a, "kitchen", &db.key("kitchen").await, None).await);
+    let bistro = Collector::spawn(Pos::connect(&b, "bistro", &db.key("bistro").await, None).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (n, tenant) in ["kitchen", "kitchen", "bistro"].into_iter().enumerate() {
+        let c = db.client().await;
+        let stop = Arc::clone(&stop);
+        writers.push(tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                insert_order_fast(&c, tenant, &format!("w{n}-{i}"), 2)
+                    .await
+                    .unwrap();
+                i += 1;
+            }
+            i
+        }));
+    }
+    let admin = admin().await;
+    let mut kills = 0;
+    for _ in 0..SEQUENCER_KILL_ROUNDS {
+        tokio::time::sleep(SEQUENCER_KILL_EVERY).await;
+        kills += kill_sequencers(&admin, &db.name).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = [0usize; 3];
+    for (n, w) in writers.into_iter().enumerate() {
+        written[n] = w.await.unwrap();
+    }
+    assert!(
+        kills >= SEQUENCER_KILL_ROUNDS,
+        "sequencers were killed ({kills})"
+    );
+    // Someone took over after every kill, and numbered everything.
+    db.wait_numbered().await;
+    let client = db.client().await;
+    for (name, collector, writers) in [("kitchen", kitchen, 0..2), ("bistro", bistro, 2..3)] {
+        let log = event_log(&client, name).await;
+        let total: usize = written[writers.clone()].iter().sum();
+        assert_eq!(log.len(), total, "{name}: one event per committed order");
+        collector.wait_for(log.len(), Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let got = collector.stop();
+        assert_exactly_the_log(name, &got, &log);
+        // Each writer's orders in the order it committed them, each once.
+        let mut next = HashSet::new();
+        let mut last_of_writer = std::collections::HashMap::new();
+        for e in &got {
+            let number = e["data"]["orderNumber"].as_str().unwrap().to_owned();
+            assert_eq!(e["data"]["items"].as_array().unwrap().len(), 2, "{number}");
+            let (w, i) = number[1..].split_once('-').unwrap();
+            let (w, i): (usize, usize) = (w.parse().unwrap(), i.parse().unwrap());
+            let expected = last_of_writer.get(&w).map_or(0, |l| l + 1);
+            assert_eq!(i, expected, "writer {w}'s orders in commit order");
+            last_of_writer.insert(w, i);
+            assert!(next.insert(number), "an order arrived twice");
+        }
+    }
+    assert!(
+        metric(&a, "orderpush_sequencer_leader").await
+            + metric(&b, "orderpush_sequencer_leader").await
+            == 1.0,
+        "exactly one sequencer"
+    );
 }
 
 /// Per-client queue for the slow-consumer test: a few large frames.

@@ -554,6 +554,7 @@ fn hostile_input_never_breaks_the_server() {
     rt.block_on(async {
         // Still serving: the watchers got exactly the accepted events, a newcomer gets a new one.
         let client = target.db.client().await;
+        target.db.wait_numbered().await;
         for (tenant, watcher) in [("kitchen", kitchen), ("bistro", bistro)] {
             let log = event_log(&client, tenant).await;
             watcher.wait_for(log.len(), WAIT).await;

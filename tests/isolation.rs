@@ -31,6 +31,7 @@ async fn twenty_slow_replays_leave_broadcast_readyz_and_metrics_answering() {
     let key = db.key("kitchen").await;
     let client = db.client().await;
     bulk_loyalty(&client, "kitchen", HISTORY, 1000).await;
+    number_staged(&db).await;
     // Many sockets of one key at once: the per-key connection cap is not what is tested here.
     let server = TestServer::start_with(&db, |c| c.tuning.max_connections_per_key = 64).await;
 

@@ -24,3 +24,4 @@ mod security;
 mod status_page;
 mod tail;
 mod websocket;
+mod write_path;

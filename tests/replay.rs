@@ -39,6 +39,7 @@ async fn a_since_in_the_pruned_range_gets_resync_required_at_once_whatever_the_v
     let key = db.key("kitchen").await;
     let client = db.client().await;
     bulk_loyalty(&client, "kitchen", RETAINED_AT_VOLUME as i32, 16).await;
+    number_staged(&db).await;
     client
         .execute(
             "UPDATE orderpush.events SET emitted_at = now() - interval '2 days' WHERE id <= $1",
@@ -112,6 +113,7 @@ async fn a_replay_longer_than_the_limit_gets_replay_too_long_then_continues_live
     let client = db.client().await;
     let total = SHORT_REPLAY_LIMIT + 50;
     bulk_loyalty(&client, "kitchen", total as i32, 16).await;
+    number_staged(&db).await;
     let server =
         TestServer::start_with(&db, |c| c.tuning.max_replay_rows = SHORT_REPLAY_LIMIT).await;
 

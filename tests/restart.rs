@@ -283,6 +283,7 @@ async fn a_postgres_restart_is_survived_and_nothing_is_lost() {
     assert!(writer.await.unwrap() > 20, "the writer kept writing");
 
     let check = connect(&config).await;
+    wait_numbered_on(&check).await;
     let kitchen_log = event_log(&check, "kitchen").await;
     let bistro_log = event_log(&check, "bistro").await;
     stayer
@@ -311,6 +312,89 @@ async fn a_postgres_restart_is_survived_and_nothing_is_lost() {
     );
     drop(check);
     server.stop().await;
+}
+
+/// The sequencer's process SIGKILLed while writers run: the other instance takes over (its
+/// standby retries the election every second; the dead process's session, and with it the
+/// lock, ends with its socket), and the log has every write once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sequencers_process_killed_mid_stream_is_replaced_and_nothing_is_lost() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let key = db.key("kitchen").await;
+    let logs = std::env::temp_dir().join(format!("orderpush-takeover-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let first = Service::start(&db, &logs.join("first.log"));
+    first.wait_ready().await;
+    let second = Service::start(&db, &logs.join("second.log"));
+    second.wait_ready().await;
+    // Whichever was elected first is the one killed; the other must take over.
+    let leader_of = |s: &Service| {
+        let url = s.url("/metrics");
+        async move {
+            let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("orderpush_sequencer_leader "))
+                .map(|v| v.trim() == "1")
+        }
+    };
+    eventually("one instance is elected", WAIT, || async {
+        leader_of(&first).await == Some(true) || leader_of(&second).await == Some(true)
+    })
+    .await;
+    let (mut victim, survivor) = if leader_of(&first).await == Some(true) {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let mut pos = survivor.pos(&key, None).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let c = db.client().await;
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                insert_loyalty(&c, "kitchen", i).await;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    victim.signal("KILL");
+    tokio::task::block_in_place(|| victim.wait_exit(EXIT_WITHIN));
+    eventually(
+        "the survivor takes over",
+        Duration::from_secs(10),
+        || async { leader_of(&survivor).await == Some(true) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let client = db.client().await;
+    wait_numbered_on(&client).await;
+    let log = event_log(&client, "kitchen").await;
+    assert_eq!(log.len(), written as usize, "one event per write");
+    let mut got = Vec::new();
+    while got.len() < log.len() {
+        got.push(pos.next().await);
+    }
+    assert_exactly_the_log("POS on the survivor", &got, &log);
+    let points: Vec<i64> = got
+        .iter()
+        .map(|e| e["data"]["pointsChange"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        points,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "in commit order"
+    );
+    drop(survivor);
+    let _ = std::fs::remove_dir_all(&logs);
 }
 
 /// The `orderpush serve` binary as a child process, killed on drop.
@@ -451,6 +535,7 @@ async fn sigterm_closes_with_1001_and_sigkill_loses_nothing() {
     while got_a.len() < 21 {
         got_a.push(a.next().await);
     }
+    wait_numbered_on(&client).await;
     assert_exactly_the_log(
         "resuming client",
         &got_a,

@@ -15,6 +15,7 @@ async fn since_replays_then_continues_live_without_gap_or_repeat() {
     for i in 1..=5 {
         insert_loyalty(&client, "kitchen", i).await;
     }
+    db.wait_numbered().await;
     // Let the listener pass these events before the POS connects, so they must come from replay.
     let mut probe = Pos::connect(&server, "kitchen", &key, Some(4)).await;
     assert_eq!(probe.next().await["id"], 5);
@@ -89,6 +90,7 @@ async fn a_restarted_server_serves_resumes_from_preloaded_history() {
     for i in 1..=5 {
         insert_loyalty(&client, "kitchen", i).await;
     }
+    number_staged(&db).await;
     let server = TestServer::start(&db).await;
     let mut pos = Pos::connect(&server, "kitchen", &key, Some(2)).await;
     for want in 3..=5 {
@@ -113,6 +115,7 @@ async fn since_older_than_retention_gets_resync_required_first() {
     for i in 1..=3 {
         insert_loyalty(&client, "kitchen", i).await;
     }
+    number_staged(&db).await;
     // Age the first two events past the retention and prune them.
     client
         .execute(
@@ -155,6 +158,7 @@ async fn prune_deletes_only_a_prefix_per_tenant() {
     for i in 1..=4 {
         insert_loyalty(&client, "kitchen", i).await;
     }
+    number_staged(&db).await;
     // Id 3 looks old but id 2 does not (commit order and timestamps can disagree): deleting
     // only id 3 would punch a hole, so everything up to 3 goes.
     client

@@ -65,6 +65,7 @@ async fn tail_since_replays_first() {
         insert_loyalty(&c, "kitchen", p).await;
     }
     let server = TestServer::start(&db).await;
+    db.wait_numbered().await;
     let mut tail = Tail::start(&server, "kitchen", &key, Some(1));
     assert_eq!(tail.next_event().await["id"], 2);
     assert_eq!(tail.next_event().await["id"], 3);

@@ -1,5 +1,5 @@
-//! Queries on the event log (`orderpush.events`) and the per-tenant counters: publishing a
-//! broadcast, replaying a tenant's history, the listener's catch-up scan, and retention.
+//! Queries on the event log (`orderpush.events`) and the per-tenant heads: replaying a tenant's
+//! history, the listener's reads by batch, and retention.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,7 +10,7 @@ use super::DbError;
 use crate::event::{Event, Origin};
 
 const EVENT_COLUMNS: &str = "e.tenant_slug, e.id, e.type, e.ts, e.data::text, e.origin, \
-                             extract(epoch FROM e.emitted_at)::float8";
+                             extract(epoch FROM e.emitted_at)::float8, e.truncated";
 
 fn event_from_row(row: &Row, tenant: Option<&Arc<str>>) -> Event {
     let tenant = match tenant {
@@ -27,6 +27,7 @@ fn event_from_row(row: &Row, tenant: Option<&Arc<str>>) -> Event {
             data,
             origin,
             emitted_at,
+            truncated: row.try_get(7).unwrap_or(false),
         },
         Err(reason) => {
             // Never panic or skip on a row we cannot read: the POS is told to refetch instead
@@ -55,121 +56,163 @@ fn decode_row(row: &Row) -> Result<(String, String, String, Origin, SystemTime),
     Ok((kind, timestamp, data, Origin::from_db(origin), emitted_at))
 }
 
-/// One explicit push from `POST /broadcast`, already validated.
-#[derive(Debug, Clone)]
-pub struct Broadcast {
-    /// Tenant slug.
-    pub tenant: String,
-    /// Event type.
-    pub kind: String,
-    /// The envelope timestamp as given, or `None` to let the database stamp it.
-    pub timestamp: Option<String>,
-    /// `event.data` as JSON text.
-    pub data: String,
+/// Where the listener is in the log: the last row it handed on, in log order (batch, then
+/// tenant, then id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPosition {
+    batch: i64,
+    tenant: String,
+    id: i64,
 }
 
-/// Appends broadcasts to the log in one transaction and one statement. Returns, per broadcast
-/// (same order as `batch`), its id, or `None` when its tenant does not exist (that one writes
-/// nothing; the others still do).
-///
-/// The requests of a batch are concurrent, so any order among them is a valid one; rows are
-/// emitted in tenant order so that two instances' batches lock `tenant_seq` rows in the same
-/// order and cannot deadlock. A client's own sequential requests are in different batches (it
-/// waits for each answer), so their order is kept.
-pub async fn append_broadcasts(
-    client: &mut deadpool_postgres::Object,
-    batch: &[Broadcast],
-) -> Result<Vec<Option<i64>>, DbError> {
-    let tenants: Vec<&str> = batch.iter().map(|b| b.tenant.as_str()).collect();
-    let kinds: Vec<&str> = batch.iter().map(|b| b.kind.as_str()).collect();
-    let data: Vec<&str> = batch.iter().map(|b| b.data.as_str()).collect();
-    let stamps: Vec<Option<&str>> = batch.iter().map(|b| b.timestamp.as_deref()).collect();
-    let tx = client.transaction().await?;
-    let stmt = tx
-        .prepare_cached(
-            "SELECT b.i, orderpush.emit(b.tenant, b.kind, b.data::json, b.ts, 'broadcast')
-             FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-                       WITH ORDINALITY AS u(tenant, kind, data, ts, i)
-                   WHERE EXISTS (SELECT 1 FROM public.tenants t WHERE t.slug = u.tenant)
-                   ORDER BY u.tenant, u.i OFFSET 0) b",
-        )
-        .await?;
-    let rows = tx.query(&stmt, &[&tenants, &kinds, &data, &stamps]).await?;
-    tx.commit().await?;
-    let mut ids = vec![None; batch.len()];
-    for row in rows {
-        let i: i64 = row.get(0);
-        if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| ids.get_mut(i)) {
-            *slot = Some(row.get::<_, i64>(1));
+impl LogPosition {
+    /// Just after every row of `batch` (and before every row of the next one).
+    pub fn after_batch(batch: i64) -> Self {
+        // The empty tenant sorts before every slug and -1 before every id, so "after (b+1, '',
+        // -1)" is "from the first row of batch b+1".
+        Self {
+            batch: batch + 1,
+            tenant: String::new(),
+            id: -1,
         }
     }
-    Ok(ids)
+
+    /// The last batch read completely or in part.
+    pub fn batch_read(&self) -> i64 {
+        if self.id < 0 {
+            self.batch - 1
+        } else {
+            self.batch
+        }
+    }
 }
 
-/// Every tenant's latest id (`orderpush.tenant_seq`): which tenants have moved.
-pub async fn heads(client: &impl GenericClient) -> Result<Vec<(String, i64)>, DbError> {
-    let rows = client.query(HEADS_SQL, &[]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+/// The log's position as the sequencer last committed it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogState {
+    /// The last committed batch.
+    pub batch: i64,
+    /// The elected sequencer's epoch (random per election).
+    pub epoch: i64,
+    /// The first batch of that epoch.
+    pub epoch_first_batch: i64,
 }
 
-const HEADS_SQL: &str = "SELECT tenant_slug, seq FROM orderpush.tenant_seq";
+/// The log's position and every tenant's head, from one snapshot: where a listener starts.
+pub async fn start(client: &impl GenericClient) -> Result<(i64, Vec<(String, i64)>), DbError> {
+    let rows = client
+        .query(
+            "SELECT l.batch, h.tenant_slug, h.seq FROM orderpush.log_state l
+             LEFT JOIN orderpush.heads h ON true",
+            &[],
+        )
+        .await?;
+    let batch = rows.first().map_or(0, |r| r.get(0));
+    let heads = rows
+        .iter()
+        .filter_map(|r| Some((r.get::<_, Option<String>>(1)?, r.get(2))))
+        .collect();
+    Ok((batch, heads))
+}
 
-/// The listener's two queries, prepared once per connection: under load they run hundreds of
-/// times a second, and parsing and planning them each time cost the database more than running
-/// them.
+/// The listener's statements, prepared once per connection: under load they run hundreds of
+/// times a second, and parsing and planning them each time would cost more than running them.
 pub struct FollowQueries {
-    heads: Statement,
-    ranges: Statement,
+    state: Statement,
+    after: Statement,
+    staged_age: Statement,
 }
 
 impl FollowQueries {
-    /// Prepares both statements on the listener's connection.
+    /// Prepares the statements on the listener's connection.
     pub async fn prepare(client: &impl GenericClient) -> Result<Self, DbError> {
-        let ranges = format!(
-            "SELECT {EVENT_COLUMNS}
-             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS c(tenant, after, upto)
-             JOIN orderpush.events e
-               ON e.tenant_slug = c.tenant AND e.id > c.after AND e.id <= c.upto
-             ORDER BY e.tenant_slug, e.id LIMIT $4"
+        // Rows after the position, in log order. Only one committer ever writes the log and each
+        // batch commits whole, so nothing can appear later behind a position already read.
+        let after = format!(
+            "SELECT {EVENT_COLUMNS}, e.batch, e.gid FROM orderpush.events e
+             WHERE e.batch >= $1 AND (e.batch, e.tenant_slug, e.id) > ($1, $2, $3)
+             ORDER BY e.batch, e.tenant_slug, e.id LIMIT $4"
         );
         Ok(Self {
-            heads: client.prepare(HEADS_SQL).await?,
-            ranges: client.prepare(&ranges).await?,
+            state: client
+                .prepare("SELECT batch, epoch, epoch_first_batch FROM orderpush.log_state")
+                .await?,
+            after: client.prepare(&after).await?,
+            staged_age: client
+                .prepare(
+                    "SELECT extract(epoch FROM now() - (SELECT staged_at FROM orderpush.staged
+                                                        ORDER BY gid LIMIT 1))::float8",
+                )
+                .await?,
         })
     }
 
-    /// Every tenant's latest id, as [`heads`].
-    pub async fn heads(&self, client: &impl GenericClient) -> Result<Vec<(String, i64)>, DbError> {
-        let rows = client.query(&self.heads, &[]).await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    /// The log's position as last committed.
+    pub async fn state(&self, client: &impl GenericClient) -> Result<LogState, DbError> {
+        let row = client.query_one(&self.state, &[]).await?;
+        Ok(LogState {
+            batch: row.get(0),
+            epoch: row.get(1),
+            epoch_first_batch: row.get(2),
+        })
     }
 
-    /// For each `(tenant, after, upto)`, the events with `after < id <= upto`, ordered by
-    /// tenant then id, at most `limit` rows in all. `upto` comes from [`FollowQueries::heads`]:
-    /// every id up to a committed head is committed too, so the rows returned per tenant are
-    /// contiguous.
-    pub async fn read_ranges(
+    /// At most `limit` events after `position`, in log order, each with its position and the
+    /// staged row it came from.
+    pub async fn read_after(
         &self,
         client: &impl GenericClient,
-        ranges: &[(Arc<str>, i64, i64)],
+        position: &LogPosition,
         limit: i64,
-    ) -> Result<Vec<Event>, DbError> {
-        let tenants: Vec<&str> = ranges.iter().map(|r| &*r.0).collect();
-        let afters: Vec<i64> = ranges.iter().map(|r| r.1).collect();
-        let uptos: Vec<i64> = ranges.iter().map(|r| r.2).collect();
+    ) -> Result<Vec<(LogPosition, Option<i64>, Event)>, DbError> {
         let rows = client
-            .query(&self.ranges, &[&tenants, &afters, &uptos, &limit])
+            .query(
+                &self.after,
+                &[&position.batch, &position.tenant, &position.id, &limit],
+            )
             .await?;
-        let mut out: Vec<Event> = Vec::with_capacity(rows.len());
+        let mut out: Vec<(LogPosition, Option<i64>, Event)> = Vec::with_capacity(rows.len());
         for row in &rows {
             // Share the tenant string among a tenant's consecutive rows.
             let same = out
                 .last()
-                .filter(|e| *e.tenant == *row.get::<_, &str>(0))
-                .map(|e| Arc::clone(&e.tenant));
-            out.push(event_from_row(row, same.as_ref()));
+                .filter(|(_, _, e)| *e.tenant == *row.get::<_, &str>(0))
+                .map(|(_, _, e)| Arc::clone(&e.tenant));
+            let event = event_from_row(row, same.as_ref());
+            let position = LogPosition {
+                batch: row.try_get(8).unwrap_or(position.batch),
+                tenant: event.tenant.to_string(),
+                id: event.id,
+            };
+            out.push((position, row.try_get(9).unwrap_or(None), event));
         }
         Ok(out)
+    }
+
+    /// Seconds the oldest staged row has waited to be numbered (`None`: none waits).
+    pub async fn oldest_staged_age(
+        &self,
+        client: &impl GenericClient,
+    ) -> Result<Option<f64>, DbError> {
+        Ok(client.query_one(&self.staged_age, &[]).await?.get(0))
+    }
+
+    /// Each tenant's head as it was after `batch`: its head now, less the events numbered since
+    /// (ids are gap-free, so that count is the difference). For a log that was rewound.
+    pub async fn heads_at(
+        &self,
+        client: &impl GenericClient,
+        batch: i64,
+    ) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = client
+            .query(
+                "SELECT h.tenant_slug, h.seq - coalesce(n.later, 0) FROM orderpush.heads h
+                 LEFT JOIN (SELECT tenant_slug, count(*) AS later FROM orderpush.events
+                            WHERE batch > $1 AND id > 0 GROUP BY tenant_slug) n USING (tenant_slug)",
+                &[&batch],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
 
@@ -181,10 +224,10 @@ pub async fn recent(
     window: Duration,
 ) -> Result<Vec<Event>, DbError> {
     let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM orderpush.tenant_seq s
+        "SELECT {EVENT_COLUMNS} FROM orderpush.heads s
          CROSS JOIN LATERAL (
              SELECT * FROM orderpush.events x
-             WHERE x.tenant_slug = s.tenant_slug AND x.id <= s.seq
+             WHERE x.tenant_slug = s.tenant_slug AND x.id <= s.seq AND x.id > 0
                AND x.emitted_at > now() - $2::float8 * interval '1 second'
              ORDER BY x.id DESC LIMIT $1) e
          ORDER BY e.tenant_slug, e.id"
@@ -204,8 +247,13 @@ pub async fn bounds(
 ) -> Result<(i64, Option<i64>), DbError> {
     let row = client
         .query_one(
-            "SELECT coalesce((SELECT seq FROM orderpush.tenant_seq WHERE tenant_slug = $1), 0),
-                    (SELECT min(id) FROM orderpush.events WHERE tenant_slug = $1)",
+            "SELECT coalesce((SELECT h.seq FROM orderpush.heads h
+                              WHERE h.tenant_slug = $1
+                                AND h.tenant_created_at IS NOT DISTINCT FROM t.created_at), 0),
+                    (SELECT min(e.id) FROM orderpush.events e
+                     WHERE e.tenant_slug = $1 AND e.id > 0
+                       AND e.emitted_at >= coalesce(t.created_at, '-infinity'))
+             FROM (SELECT (SELECT created_at FROM public.tenants WHERE slug = $1) AS created_at) t",
             &[&tenant],
         )
         .await?;
@@ -228,6 +276,9 @@ pub async fn replay(
              SELECT x.*, sum(octet_length(x.data::text)) OVER (ORDER BY x.id) AS running
              FROM orderpush.events x
              WHERE x.tenant_slug = $1 AND x.id > $2 AND x.id <= $3
+               -- Only this tenant's: not those of an earlier tenant under the same slug.
+               AND x.emitted_at >= coalesce((SELECT created_at FROM public.tenants
+                                             WHERE slug = $1), '-infinity')
              ORDER BY x.id LIMIT $4) e
          WHERE e.running - octet_length(e.data::text) < $5
          ORDER BY e.id"
@@ -269,7 +320,23 @@ pub async fn prune(client: &impl GenericClient, older_than: Duration) -> Result<
         let n = client.execute(&stmt, &[&secs, &PRUNE_BATCH]).await?;
         total += n;
         if n < PRUNE_BATCH as u64 {
-            return Ok(total);
+            break;
         }
     }
+    // The bookkeeping beside the log: failures are kept as long as events, idempotency keys for
+    // their fixed window (docs/protocol.md).
+    client
+        .execute(
+            "DELETE FROM orderpush.emit_failures WHERE failed_at < now() - $1::float8 * interval '1 second'",
+            &[&secs],
+        )
+        .await?;
+    client
+        .execute(
+            "DELETE FROM orderpush.broadcast_requests
+             WHERE created_at < now() - $1::float8 * interval '1 second'",
+            &[&super::broadcasts::IDEMPOTENCY_WINDOW.as_secs_f64()],
+        )
+        .await?;
+    Ok(total)
 }

@@ -69,6 +69,9 @@ pub struct KeyIdentity {
     pub id: String,
     /// Tenant slug.
     pub tenant: String,
+    /// When that tenant was created (`tenants.created_at`): events from before it belong to an
+    /// earlier tenant under the same slug and are never served to this key.
+    pub tenant_since: Option<std::time::SystemTime>,
 }
 
 /// SHA-256 of a key: what is stored and looked up.
@@ -175,13 +178,19 @@ pub async fn lookup(
 ) -> Result<Option<KeyIdentity>, DbError> {
     let row = client
         .query_opt(
-            "SELECT id, tenant_slug FROM orderpush.api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            "SELECT k.id, k.tenant_slug, extract(epoch FROM t.created_at)::float8
+             FROM orderpush.api_keys k LEFT JOIN public.tenants t ON t.slug = k.tenant_slug
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
             &[&key_hash.as_slice()],
         )
         .await?;
     Ok(row.map(|r| KeyIdentity {
         id: r.get(0),
         tenant: r.get(1),
+        tenant_since: r
+            .get::<_, Option<f64>>(2)
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .and_then(|d| std::time::SystemTime::UNIX_EPOCH.checked_add(d)),
     }))
 }
 

@@ -82,6 +82,14 @@ pub enum MigrateError {
         /// Which migration waited for what, held by whom.
         detail: String,
     },
+    /// Instances of a version that numbers events in the writer's transaction are still
+    /// connected; they cannot run beside the sequencer that V5 introduces.
+    #[error(
+        "instances of an older orderpush are still connected ({0}); they number events in the \
+         writers' transactions and cannot run beside this version's sequencer. Stop them, run \
+         `orderpush migrate` again, then start this version (docs/operations.md, \"Upgrading\")"
+    )]
+    OlderInstancesConnected(String),
     /// `--target` names no embedded migration.
     #[error("no migration has version {0}; see `orderpush migrate status`")]
     UnknownTarget(i32),
@@ -122,11 +130,66 @@ pub async fn apply(
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
-    let result = apply_locked(config, &mut client, &runner, options).await;
+    let result = match refuse_beside_older_instances(&client, options.target).await {
+        Ok(()) => apply_locked(config, &mut client, &runner, options).await,
+        Err(e) => Err(e),
+    };
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await;
     result
+}
+
+/// The first migration of the staged write path (a sequencer numbers events after commit).
+const STAGED_WRITE_PATH: i32 = 5;
+/// The `application_name`s of a running instance's connections (older versions included).
+const INSTANCE_SESSIONS: [&str; 4] = [
+    "orderpush",
+    "orderpush-listener",
+    "orderpush-presence",
+    "orderpush-revocation",
+];
+
+/// Refuses to install the staged write path while an older instance is connected: it would
+/// keep numbering events in the writers' transactions, beside the new sequencer.
+async fn refuse_beside_older_instances(
+    client: &tokio_postgres::Client,
+    target: Option<i32>,
+) -> Result<(), MigrateError> {
+    let versions: Vec<i32> = applied(client).await?.iter().map(|a| a.version).collect();
+    let upgrading = versions.contains(&2) && !versions.contains(&STAGED_WRITE_PATH);
+    if !upgrading || target.is_some_and(|t| t < STAGED_WRITE_PATH) {
+        return Ok(());
+    }
+    let rows = client
+        .query(
+            "SELECT application_name || ' (pid ' || pid || coalesce(', ' || host(client_addr), '') || ')'
+             FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND application_name = ANY($1)
+             ORDER BY pid",
+            &[&INSTANCE_SESSIONS.as_slice()],
+        )
+        .await?;
+    let mut sessions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    // Presence rows of instances whose heartbeat is fresh, in case they set their own
+    // application_name.
+    let live: Vec<String> = client
+        .query(
+            "SELECT 'instance ' || id || ' on ' || hostname FROM orderpush.instances
+             WHERE to_regclass('orderpush.instances') IS NOT NULL
+               AND heartbeat_at > now() - interval '15 seconds'",
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default();
+    sessions.extend(live);
+    if sessions.is_empty() {
+        Ok(())
+    } else {
+        Err(MigrateError::OlderInstancesConnected(sessions.join(", ")))
+    }
 }
 
 async fn apply_locked(

@@ -1,8 +1,10 @@
 //! Postgres access: connection settings, the pool, and one module per group of queries.
 
+pub mod broadcasts;
 pub mod events;
 pub mod keys;
 pub mod migrate;
+pub mod sequencer;
 pub mod triggers;
 pub mod uninstall;
 
@@ -41,7 +43,7 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The driver reported an error (connection, SQL, constraint).
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No pooled connection could be had in time.
     #[error("connection pool: {0}")]
@@ -58,6 +60,15 @@ pub enum DbError {
     /// A migration failed.
     #[error("migration: {0}")]
     Migration(String),
+}
+
+/// The server's own message for an error it reported (the driver's `Display` says only "db
+/// error"), else the driver's description.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// Applies orderpush's connection defaults (timeouts, keepalive, application name) to a config

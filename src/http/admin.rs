@@ -265,7 +265,7 @@ async fn tenants(
                          WHERE k.tenant_slug = t.slug AND k.revoked_at IS NULL),
                         coalesce(c.connections, 0), coalesce(c.terminals, 0), c.since
                  FROM public.tenants t
-                 LEFT JOIN orderpush.tenant_seq s ON s.tenant_slug = t.slug
+                 LEFT JOIN orderpush.heads s ON s.tenant_slug = t.slug
                  LEFT JOIN conns c ON c.tenant_slug = t.slug
                  ORDER BY t.slug
                  LIMIT $2",
@@ -316,7 +316,7 @@ async fn tenant(
         let Some(t) = c
             .query_opt(
                 "SELECT t.name, coalesce(s.seq, 0) FROM public.tenants t
-                 LEFT JOIN orderpush.tenant_seq s ON s.tenant_slug = t.slug
+                 LEFT JOIN orderpush.heads s ON s.tenant_slug = t.slug
                  WHERE t.slug = $1",
                 &[&slug],
             )

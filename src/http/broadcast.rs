@@ -1,7 +1,9 @@
-//! `POST /broadcast`: explicit pushes from the web app (contract §4), validated, then written to
-//! the event log by a batching writer so that concurrent requests share one transaction.
+//! `POST /broadcast`: explicit pushes from the web app (docs/protocol.md), validated, staged by a
+//! batching writer (concurrent requests share one transaction), and answered once the sequencer
+//! has numbered the event. An `Idempotency-Key` makes a retry safe on any instance.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,11 +14,14 @@ use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{AppState, Error, auth};
-use crate::db::events::{self, Broadcast};
+use crate::db::broadcasts::{self, Broadcast, Idempotency, StageError, Staged};
 use crate::db::{DbError, is_valid_tenant_slug};
+use crate::listener::NumberedWaiters;
 
 /// Contract §4: the body limit.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -34,8 +39,15 @@ pub const WRITER_QUEUE: usize = 1024;
 /// Most broadcasts written in one transaction: amortises the commit's WAL flush over many
 /// requests while keeping each transaction short.
 pub const WRITER_BATCH: usize = 256;
-/// A request that cannot be queued and committed within this time is answered 503.
+/// A request that cannot be queued and committed within this time is answered 503; one committed
+/// but not numbered by then is answered 200 without its id (it is durable and will be
+/// delivered once a sequencer numbers it).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header that makes a retry safe (docs/protocol.md).
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Longest `Idempotency-Key`: a UUID or a request hash fits many times over; the bound keeps
+/// the table's keys small.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// Routes of this group.
 pub fn router() -> Router<AppState> {
@@ -103,16 +115,48 @@ async fn accept(
         }
         Err(_) => return Err(Error::BadRequest("could not read the request body".into())),
     };
-    let broadcast = parse(&bytes)?;
+    let idempotency_key = idempotency_key(headers)?;
+    let broadcast = parse(&bytes, idempotency_key)?;
     let tenant = broadcast.tenant.clone();
-    match state.broadcasts.submit(broadcast).await? {
-        Some(id) => Ok(Json(serde_json::json!({
-            "success": true,
-            "message": format!("Event broadcasted to {tenant}"),
-            "id": id,
-        }))),
-        None => Err(Error::NotFound(format!("unknown tenant '{tenant}'"))),
+    let id = match state.broadcasts.submit(broadcast).await? {
+        Answer::Numbered(id) => Some(id),
+        Answer::Pending => None,
+        Answer::UnknownTenant => {
+            return Err(Error::NotFound(format!("unknown tenant '{tenant}'")));
+        }
+        Answer::KeyReused => {
+            return Err(Error::Unprocessable(
+                "this Idempotency-Key was already used for a different request".into(),
+            ));
+        }
+    };
+    let mut reply = serde_json::json!({
+        "success": true,
+        "message": format!("Event broadcasted to {tenant}"),
+    });
+    match id {
+        Some(id) => reply["id"] = id.into(),
+        // Durable and on its way, but not numbered within the request's time (no sequencer
+        // running right now): it reaches the POS once one is.
+        None => reply["numbered"] = false.into(),
     }
+    Ok(Json(reply))
+}
+
+/// The `Idempotency-Key` header, if any: 1..=255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value.to_str().unwrap_or_default();
+    let valid = (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_graphic());
+    if !valid {
+        return Err(Error::BadRequest(format!(
+            "Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(Some(key.to_owned()))
 }
 
 /// Contract §4: a configured token must be presented as `Bearer`; without one, only loopback
@@ -122,7 +166,7 @@ fn authorize(token: Option<&str>, peer: SocketAddr, headers: &HeaderMap) -> Resu
 }
 
 /// Validates a body into a [`Broadcast`]; every problem is a 400 with a precise message.
-fn parse(bytes: &[u8]) -> Result<Broadcast, Error> {
+fn parse(bytes: &[u8], idempotency_key: Option<String>) -> Result<Broadcast, Error> {
     if json_depth_exceeds(bytes, MAX_JSON_DEPTH) {
         return Err(Error::BadRequest(format!(
             "JSON nested deeper than {MAX_JSON_DEPTH} levels"
@@ -160,11 +204,30 @@ fn parse(bytes: &[u8]) -> Result<Broadcast, Error> {
             truncate(&req.tenant, 63)
         )));
     }
+    let data = req.event.data.get().to_owned();
+    let idempotency = idempotency_key.map(|key| {
+        // Length-prefixed fields: no two different requests hash alike.
+        let mut h = Sha256::new();
+        for part in [
+            req.tenant.as_str(),
+            kind.as_str(),
+            req.event.timestamp.as_deref().unwrap_or("\0none"),
+            data.as_str(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        Idempotency {
+            key,
+            request_sha256: h.finalize().into(),
+        }
+    });
     Ok(Broadcast {
         tenant: req.tenant,
         kind,
         timestamp: req.event.timestamp,
-        data: req.event.data.get().to_owned(),
+        data,
+        idempotency,
     })
 }
 
@@ -204,46 +267,131 @@ fn json_depth_exceeds(bytes: &[u8], max: usize) -> bool {
     false
 }
 
-type Reply = oneshot::Sender<Result<Option<i64>, ()>>;
+/// How a request ended, for the handler.
+#[derive(Debug)]
+pub enum Answer {
+    /// Numbered: its event id.
+    Numbered(i64),
+    /// Written, but not numbered within [`WRITE_TIMEOUT`].
+    Pending,
+    /// No such tenant; nothing written.
+    UnknownTenant,
+    /// The idempotency key names a different request; nothing written.
+    KeyReused,
+}
+
+/// What the writer tells one request.
+enum Written {
+    /// Staged as a new row; the receiver gets its id when numbered.
+    New(i64, oneshot::Receiver<i64>),
+    /// Already answered: a repeat (with its id if numbered) or a refusal.
+    Done(Staged),
+}
+
+type Reply = oneshot::Sender<Result<Written, WriteFailure>>;
+
+/// Why the writer could not write a request.
+enum WriteFailure {
+    /// Nothing was written: the request may be retried as is.
+    NotWritten,
+    /// The connection was lost while committing.
+    Unknown,
+}
+
+/// A queued request: what to write, until when it is worth writing, where to answer.
+struct Job {
+    broadcast: Broadcast,
+    deadline: Instant,
+    reply: Reply,
+}
 
 /// The handle /broadcast submits to; the writer task behind it batches concurrent requests.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<(Broadcast, Reply)>,
+    tx: mpsc::Sender<Job>,
+    waiters: Arc<NumberedWaiters>,
+    pool: deadpool_postgres::Pool,
 }
 
 impl Writer {
     /// Starts the writer task on `tracker`. It stops once every `Writer` handle is gone, so
     /// requests in flight at shutdown are still committed and answered.
-    pub fn spawn(pool: deadpool_postgres::Pool, tracker: &tokio_util::task::TaskTracker) -> Self {
+    pub fn spawn(
+        pool: deadpool_postgres::Pool,
+        waiters: Arc<NumberedWaiters>,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        tracker.spawn(write_loop(pool, rx));
-        Self { tx }
+        tracker.spawn(write_loop(pool.clone(), Arc::clone(&waiters), rx));
+        Self { tx, waiters, pool }
     }
 
-    /// Queues one broadcast and waits until it is committed. `Ok(None)`: unknown tenant.
-    pub async fn submit(&self, b: Broadcast) -> Result<Option<i64>, Error> {
+    /// Queues one broadcast, waits until it is staged, then until it is numbered (all within
+    /// [`WRITE_TIMEOUT`]).
+    pub async fn submit(&self, broadcast: Broadcast) -> Result<Answer, Error> {
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        let tenant = broadcast.tenant.clone();
+        let key = broadcast.idempotency.as_ref().map(|k| k.key.clone());
         let (reply, answer) = oneshot::channel();
-        let work = async {
-            self.tx
-                .send((b, reply))
-                .await
-                .map_err(|_| Error::Unavailable)?;
-            answer
-                .await
-                .map_err(|_| Error::Unavailable)?
-                .map_err(|()| Error::Unavailable)
+        let job = Job {
+            broadcast,
+            deadline,
+            reply,
         };
-        tokio::time::timeout(WRITE_TIMEOUT, work)
+        // Not queued in time, or the writer dropped it unwritten: nothing was written.
+        tokio::time::timeout_at(deadline, self.tx.send(job))
             .await
             .map_err(|_| Error::Unavailable)?
+            .map_err(|_| Error::Unavailable)?;
+        let written = match answer.await {
+            Ok(Ok(w)) => w,
+            Ok(Err(WriteFailure::Unknown)) => return Err(Error::OutcomeUnknown),
+            Ok(Err(WriteFailure::NotWritten)) | Err(_) => return Err(Error::Unavailable),
+        };
+        match written {
+            Written::New(gid, numbered) => {
+                match tokio::time::timeout_at(deadline, numbered).await {
+                    Ok(Ok(id)) => Ok(Answer::Numbered(id)),
+                    _ => {
+                        self.waiters.forget(gid);
+                        Ok(Answer::Pending)
+                    }
+                }
+            }
+            Written::Done(Staged::Repeat { id: Some(id), .. }) => Ok(Answer::Numbered(id)),
+            Written::Done(Staged::Repeat { gid, id: None }) => {
+                // The first request is staged but not numbered yet (or its answer passed this
+                // instance before we asked): wait for it, and ask the database once at the end.
+                let numbered = self.waiters.register(gid);
+                if let Ok(Ok(id)) = tokio::time::timeout_at(deadline, numbered).await {
+                    return Ok(Answer::Numbered(id));
+                }
+                self.waiters.forget(gid);
+                let id = match (self.pool.get().await, key) {
+                    (Ok(client), Some(key)) => broadcasts::numbered_id(&client, &tenant, &key)
+                        .await
+                        .ok()
+                        .flatten(),
+                    _ => None,
+                };
+                Ok(id.map_or(Answer::Pending, Answer::Numbered))
+            }
+            Written::Done(Staged::KeyReused) => Ok(Answer::KeyReused),
+            Written::Done(Staged::UnknownTenant) => Ok(Answer::UnknownTenant),
+            // The writer answers a new row with `Written::New`.
+            Written::Done(Staged::New(_)) => Ok(Answer::Pending),
+        }
     }
 }
 
 /// One transaction per batch: whatever is queued when the previous commit returns goes into the
 /// next one, so batches grow exactly as fast as callers arrive and a lone request is not delayed.
-async fn write_loop(pool: deadpool_postgres::Pool, mut rx: mpsc::Receiver<(Broadcast, Reply)>) {
-    let mut batch: Vec<(Broadcast, Reply)> = Vec::with_capacity(WRITER_BATCH);
+async fn write_loop(
+    pool: deadpool_postgres::Pool,
+    waiters: Arc<NumberedWaiters>,
+    mut rx: mpsc::Receiver<Job>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(WRITER_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < WRITER_BATCH {
@@ -252,29 +400,57 @@ async fn write_loop(pool: deadpool_postgres::Pool, mut rx: mpsc::Receiver<(Broad
                 Err(_) => break,
             }
         }
-        let (items, replies): (Vec<Broadcast>, Vec<Reply>) = batch.drain(..).unzip();
-        match write_batch(&pool, &items).await {
-            Ok(ids) => {
-                for (reply, id) in replies.into_iter().zip(ids) {
-                    let _ = reply.send(Ok(id));
+        // A request whose caller has given up is not written: it would be answered 503 (never
+        // written) while its event went out anyway.
+        let now = Instant::now();
+        let (live, expired): (Vec<Job>, Vec<Job>) = batch.drain(..).partition(|j| j.deadline > now);
+        for job in expired {
+            let _ = job.reply.send(Err(WriteFailure::NotWritten));
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let items: Vec<Broadcast> = live.iter().map(|j| j.broadcast.clone()).collect();
+        let mut receivers = std::collections::HashMap::new();
+        let result = match pool.get().await {
+            Ok(mut client) => {
+                broadcasts::stage(&mut client, &items, |gid| {
+                    receivers.insert(gid, waiters.register(gid));
+                })
+                .await
+            }
+            Err(e) => Err(StageError::NotWritten(DbError::from(e))),
+        };
+        match result {
+            Ok(outcomes) => {
+                for (job, outcome) in live.into_iter().zip(outcomes) {
+                    let written = match outcome {
+                        Staged::New(gid) => match receivers.remove(&gid) {
+                            Some(rx) => Written::New(gid, rx),
+                            None => Written::Done(Staged::New(gid)),
+                        },
+                        other => Written::Done(other),
+                    };
+                    let _ = job.reply.send(Ok(written));
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, batch = items.len(), "broadcast batch failed; answering 503");
-                for reply in replies {
-                    let _ = reply.send(Err(()));
+                for gid in receivers.keys() {
+                    waiters.forget(*gid);
+                }
+                let unknown = matches!(e, StageError::Unknown(_));
+                tracing::warn!(error = %e, batch = live.len(), outcome_unknown = unknown, "broadcast batch failed");
+                for job in live {
+                    let failure = if unknown {
+                        WriteFailure::Unknown
+                    } else {
+                        WriteFailure::NotWritten
+                    };
+                    let _ = job.reply.send(Err(failure));
                 }
             }
         }
     }
-}
-
-async fn write_batch(
-    pool: &deadpool_postgres::Pool,
-    items: &[Broadcast],
-) -> Result<Vec<Option<i64>>, DbError> {
-    let mut client = pool.get().await?;
-    events::append_broadcasts(&mut client, items).await
 }
 
 #[cfg(test)]
@@ -313,18 +489,28 @@ mod tests {
 
     #[test]
     fn parse_reports_what_is_wrong() {
-        let ok = parse(br#"{"tenant":"kitchen","event":{"type":"test_broadcast","data":{"m":1}}}"#)
-            .unwrap();
+        let ok = parse(
+            br#"{"tenant":"kitchen","event":{"type":"test_broadcast","data":{"m":1}}}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(ok.data, r#"{"m":1}"#);
         assert!(ok.timestamp.is_none());
-        let e = parse(br#"{"tenant":"kitchen","event":{"type":"x"}}"#).unwrap_err();
+        let e = parse(br#"{"tenant":"kitchen","event":{"type":"x"}}"#, None).unwrap_err();
         assert!(e.to_string().contains("missing field `data`"), "{e}");
-        let e =
-            parse(br#"{"tenant":"kitchen","event":{"type":"bad type!","data":1}}"#).unwrap_err();
+        let e = parse(
+            br#"{"tenant":"kitchen","event":{"type":"bad type!","data":1}}"#,
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("event.type"), "{e}");
-        let e = parse(br#"{"tenant":"Kitchen","event":{"type":"x","data":1}}"#).unwrap_err();
+        let e = parse(
+            br#"{"tenant":"Kitchen","event":{"type":"x","data":1}}"#,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::NotFound(_)));
-        let e = parse(br#"{"tenant":"","event":{"type":"x","data":1}}"#).unwrap_err();
+        let e = parse(br#"{"tenant":"","event":{"type":"x","data":1}}"#, None).unwrap_err();
         assert!(matches!(e, Error::BadRequest(_)), "{e}");
         assert!(e.to_string().contains("tenant must not be empty"), "{e}");
     }

@@ -29,6 +29,10 @@ pub enum Error {
     /// 413: the body is over the limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 422: the request is well-formed but conflicts with an earlier one (an idempotency key
+    /// reused for a different request).
+    #[error("{0}")]
+    Unprocessable(String),
     /// 415: the body is not JSON.
     #[error("content type must be application/json")]
     UnsupportedMediaType,
@@ -38,6 +42,12 @@ pub enum Error {
     /// 503: a dependency (the database) is unavailable or overloaded.
     #[error("service temporarily unavailable")]
     Unavailable,
+    /// 500 with `"written": "unknown"`: the connection was lost while committing, so the
+    /// request may or may not have been written. A retry with the same `Idempotency-Key` is safe.
+    #[error(
+        "the connection to the database was lost while committing: the event may or may not have been written; retry with the same Idempotency-Key"
+    )]
+    OutcomeUnknown,
     /// 503 with `Retry-After` (seconds): a POS key cannot be verified now (the database is
     /// unreachable and the key was not confirmed recently). Never 401: the key may be valid.
     #[error(
@@ -67,6 +77,8 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable | Error::KeyUnverifiable(_) | Error::OverCapacity { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -99,11 +111,11 @@ impl IntoResponse for Error {
         if let Error::Internal(ref e) = self {
             tracing::error!(error = %e, "internal error");
         }
-        let mut response = (
-            self.status(),
-            Json(serde_json::json!({ "success": false, "error": self.to_string() })),
-        )
-            .into_response();
+        let mut body = serde_json::json!({ "success": false, "error": self.to_string() });
+        if let Error::OutcomeUnknown = self {
+            body["written"] = "unknown".into();
+        }
+        let mut response = (self.status(), Json(body)).into_response();
         match self {
             Error::TooManyRequests(secs)
             | Error::KeyUnverifiable(secs)

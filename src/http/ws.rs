@@ -148,6 +148,7 @@ async fn upgrade(
         }
     };
     let generation = key.generation;
+    let tenant_since = key.identity.tenant_since;
     // The token keeps the tracker open from now on, so shutdown waits for this socket too.
     let token = state.tracker.token();
     Ok(ws
@@ -162,7 +163,10 @@ async fn upgrade(
                 Box::new(socket),
                 state,
                 slot,
-                generation,
+                KeyFacts {
+                    generation,
+                    tenant_since,
+                },
                 since,
                 peer,
                 token,
@@ -226,16 +230,23 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Error> {
     }
 }
 
+/// What was known of a socket's key when it was verified.
+struct KeyFacts {
+    /// The key cache's change generation then: a change after it closes the socket.
+    generation: u64,
+    /// When the key's tenant was created: nothing older is this tenant's.
+    tenant_since: Option<std::time::SystemTime>,
+}
+
 /// Runs one POS socket from upgrade to close. The socket arrives boxed and the tenant and key
 /// id shared (in the slot): an async fn's arguments are stored in its task for its whole life,
-/// so keeping them small keeps every idle connection small. `key_generation` is the key
-/// cache's change generation when the key was verified.
+/// so keeping them small keeps every idle connection small.
 async fn serve_socket(
     mut socket: Box<WebSocket>,
     state: AppState,
     // Released (dropped) only after the socket is closed.
     slot: ConnectionSlot,
-    key_generation: u64,
+    key: KeyFacts,
     since: Option<i64>,
     peer: SocketAddr,
     // Held until the socket is closed, so shutdown waits for the close frame.
@@ -246,9 +257,11 @@ async fn serve_socket(
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
     // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let (sub, replay) = state.hub.subscribe(tenant, key_id, since);
+    let (sub, replay) = state
+        .hub
+        .subscribe_after(tenant, key_id, since, key.tenant_since);
     let conn = state.presence.register(tenant, key_id, peer, since);
-    let reason = if !state.keys.still_valid(key_id, tenant, key_generation) {
+    let reason = if !state.keys.still_valid(key_id, tenant, key.generation) {
         // The key was revoked or moved while this socket was being set up: that change found
         // no socket here to close, so close it now.
         DisconnectReason::KeyRevoked
@@ -404,6 +417,17 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 _ = &mut self.shutdown => return DisconnectReason::Shutdown,
                 _ = &mut self.kicked => return kick_reason(self.sub),
                 frame = self.sub.recv() => {
+                    if frame.rewind {
+                        // The log went backwards: a socket that was sent more than it now holds
+                        // is told so, and continues from its lower id.
+                        if last_sent.is_some_and(|last| last > frame.id) {
+                            if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
+                                return reason;
+                            }
+                            last_sent = Some(frame.id);
+                        }
+                        continue;
+                    }
                     if let Some(last) = last_sent {
                         if frame.id <= last {
                             continue; // already sent by the replay

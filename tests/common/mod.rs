@@ -97,14 +97,30 @@ impl TestDb {
             .secret
     }
 
-    /// Number of rows in the event log.
+    /// Number of events in the log (the markers a tenant's log may start with excluded).
     pub async fn event_count(&self) -> i64 {
         self.client()
             .await
-            .query_one("SELECT count(*) FROM orderpush.events", &[])
+            .query_one("SELECT count(*) FROM orderpush.events WHERE id > 0", &[])
             .await
             .unwrap()
             .get(0)
+    }
+
+    /// Rows written by the application (or /broadcast) that no sequencer has numbered yet.
+    pub async fn staged_count(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM orderpush.staged", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until a running server's sequencer has numbered every staged row: the log then
+    /// holds every event of every committed write.
+    pub async fn wait_numbered(&self) {
+        wait_numbered_on(&self.client().await).await;
     }
 }
 
@@ -138,6 +154,28 @@ pub async fn connect(config: &tokio_postgres::Config) -> tokio_postgres::Client 
         .expect("connect to test Postgres");
     tokio::spawn(conn);
     client
+}
+
+/// Waits until every staged row of the database `client` is connected to is numbered (a server
+/// must be running).
+pub async fn wait_numbered_on(client: &tokio_postgres::Client) {
+    eventually("every staged row is numbered", WAIT, || async {
+        client
+            .query_one("SELECT count(*) FROM orderpush.staged", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+}
+
+/// Numbers every staged row by running a server until its sequencer has, then stopping it: for
+/// tests that prepare the event log before the server under test starts.
+pub async fn number_staged(db: &TestDb) {
+    let server = TestServer::start(db).await;
+    db.wait_numbered().await;
+    server.stop().await;
 }
 
 /// A running orderpush on 127.0.0.1:<random port>.
@@ -401,16 +439,34 @@ pub async fn insert_order_fast(
 
 /// The backends of orderpush listeners connected to database `db`.
 pub async fn listener_pids(client: &tokio_postgres::Client, db: &str) -> Vec<i32> {
+    session_pids(client, db, "orderpush-listener").await
+}
+
+/// The backends connected to database `db` under this `application_name`.
+pub async fn session_pids(client: &tokio_postgres::Client, db: &str, app: &str) -> Vec<i32> {
     client
         .query(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'orderpush-listener'",
-            &[&db],
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            &[&db, &app],
         )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// Terminates the elected sequencer's backend (and every standby's) on database `db`, whatever
+/// it is doing: between batches or in the middle of one. Returns how many.
+pub async fn kill_sequencers(client: &tokio_postgres::Client, db: &str) -> usize {
+    let pids = session_pids(client, db, "orderpush-sequencer").await;
+    for pid in &pids {
+        client
+            .execute("SELECT pg_terminate_backend($1)", &[pid])
+            .await
+            .unwrap();
+    }
+    pids.len()
 }
 
 /// Terminates every orderpush listener connected to database `db`; returns how many.
@@ -492,7 +548,7 @@ pub fn text(b: &[u8]) -> String {
 pub async fn event_log(client: &tokio_postgres::Client, tenant: &str) -> Vec<Value> {
     client
         .query(
-            "SELECT id, type, data::text FROM orderpush.events WHERE tenant_slug = $1 ORDER BY id",
+            "SELECT id, type, data::text FROM orderpush.events WHERE tenant_slug = $1 AND id > 0 ORDER BY id",
             &[&tenant],
         )
         .await

@@ -291,6 +291,7 @@ mod tests {
         KeyIdentity {
             id: id.into(),
             tenant: tenant.into(),
+            tenant_since: None,
         }
     }
 
