@@ -10,6 +10,24 @@ use tokio_postgres::IsolationLevel;
 
 use crate::common::*;
 
+const DBA_MD: &str = include_str!("../docs/dba.md");
+
+/// The first ```sql block after `marker` in docs/dba.md, with the documented role names replaced:
+/// the GRANTs the test runs are the GRANTs the DBA copies.
+fn documented_sql(marker: &str, roles: &[(&str, &str)]) -> String {
+    let from = DBA_MD
+        .find(marker)
+        .unwrap_or_else(|| panic!("docs/dba.md lost {marker:?}"));
+    let rest = &DBA_MD[from..];
+    let start = rest.find("```sql\n").expect("an sql block") + 7;
+    let len = rest[start..].find("```").expect("the block ends");
+    let mut sql = rest[start..start + len].to_owned();
+    for (documented, actual) in roles {
+        sql = sql.replace(documented, actual);
+    }
+    sql
+}
+
 async fn online_order(tx: &tokio_postgres::Transaction<'_>, tenant: &str, number: &str) {
     tx.execute(
         "INSERT INTO orders (tenant_slug, order_number, customer_name, customer_phone, order_type,
@@ -198,11 +216,13 @@ async fn an_app_role_with_rights_on_its_tables_only_takes_orders_and_cannot_touc
     let role = format!("app_{}", db.name);
     let c = db.client().await;
     c.batch_execute(&format!(
-        "DROP ROLE IF EXISTS {role};
-         CREATE ROLE {role} NOLOGIN;
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON tenants, orders, order_items, gift_cards,
-               loyalty_transactions TO {role};"
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN;"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&documented_sql(
+        "**The application's role**",
+        &[("webapp", &role)],
     ))
     .await
     .unwrap();
@@ -236,12 +256,9 @@ async fn an_app_role_with_rights_on_its_tables_only_takes_orders_and_cannot_touc
         );
     }
     drop(app);
-    c.batch_execute(&format!(
-        "REVOKE ALL ON tenants, orders, order_items, gift_cards, loyalty_transactions FROM {role};
-         REVOKE USAGE ON SCHEMA public FROM {role}; DROP ROLE {role};"
-    ))
-    .await
-    .unwrap();
+    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -249,18 +266,17 @@ async fn a_write_that_cannot_become_an_event_is_counted_listed_and_resyncs_its_t
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
-    // The service runs as a role of its own that may not read `order_items` (a GRANT the DBA
-    // forgot): an order still saves, but its items cannot be read when it is numbered.
+    // The service runs as a role of its own with exactly the GRANTs docs/dba.md gives.
     let role = format!("svc_{}", db.name);
     let mut c = db.client().await;
     c.batch_execute(&format!(
-        "DROP ROLE IF EXISTS {role};
-         CREATE ROLE {role} LOGIN;
-         GRANT USAGE ON SCHEMA orderpush TO {role};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA orderpush TO {role};
-         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA orderpush TO {role};
-         GRANT SELECT ON public.tenants, public.orders TO {role};
-         GRANT SELECT ON public.refinery_schema_history TO {role};"
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&documented_sql(
+        "**The service's role**",
+        &[("orderpush_service", &role)],
     ))
     .await
     .unwrap();
@@ -270,13 +286,31 @@ async fn a_write_that_cannot_become_an_event_is_counted_listed_and_resyncs_its_t
     })
     .await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
+    insert_order(&mut c, "kitchen", "KIT-1", 2).await;
+    let ev = pos.next().await;
+    assert_eq!(
+        ev["type"], "new_order",
+        "the documented GRANTs suffice: {ev}"
+    );
+    assert_eq!(ev["data"]["items"].as_array().unwrap().len(), 2);
+    let (status, _) = server
+        .broadcast(&json!({"tenant": "kitchen", "event": {"type": "promo", "data": {}}}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(pos.next().await["type"], "promo");
+
+    // A GRANT the DBA forgot: an order still saves, but its items cannot be read when it is
+    // numbered.
+    c.batch_execute(&format!("REVOKE SELECT ON public.order_items FROM {role}"))
+        .await
+        .unwrap();
     let tx = c.transaction().await.unwrap();
-    online_order(&tx, "kitchen", "KIT-1").await;
+    online_order(&tx, "kitchen", "KIT-2").await;
     tx.commit().await.expect("the write commits");
     let ev = pos.next().await;
     assert_eq!(ev["type"], "resync_required", "{ev}");
     assert_eq!(ev["data"]["reason"], "emit_failed");
-    assert_eq!(ev["id"], 1, "it takes the event's place in the ids");
+    assert_eq!(ev["id"], 3, "it takes the event's place in the ids");
     let row = c
         .query_one(
             "SELECT source_table, kind, tenant, reason FROM orderpush.emit_errors",
