@@ -38,4 +38,5 @@ pub mod presence;
 pub mod revocation;
 pub mod sequencer;
 pub mod server;
+pub mod socket;
 pub mod tail;

@@ -450,7 +450,7 @@ impl Listener {
             delivered += rows.len();
             for (position, gid, event) in rows {
                 self.position = position;
-                self.deliver(event, gid);
+                self.deliver(event, gid).await;
             }
             if !full {
                 self.health.read_completed();
@@ -502,7 +502,7 @@ impl Listener {
         Ok(())
     }
 
-    fn deliver(&mut self, event: Event, gid: Option<i64>) {
+    async fn deliver(&mut self, event: Event, gid: Option<i64>) {
         if event.id == 0 && event.kind == TENANT_RESET {
             // A tenant deleted and created again under its slug: its log starts over, and
             // nothing of the previous restaurant may be served from memory.
@@ -527,13 +527,8 @@ impl Listener {
                 .duration_since(event.emitted_at)
                 .unwrap_or_default(),
         );
-        let frame = Frame {
-            emitted_at: event.emitted_at,
-            id: event.id,
-            text: event.to_frame().into(),
-            rewind: false,
-        };
-        let delivery = self.hub.publish(&event.tenant, &frame);
+        let frame = Frame::event(event.id, &event.to_frame(), event.emitted_at);
+        let delivery = self.hub.publish(&event.tenant, &frame).await;
         let here = delivery.sent + delivery.failed;
         // Another instance's terminal counts as delivered; without a fresh presence view
         // (database trouble) only this instance's sockets can be known.

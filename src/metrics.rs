@@ -132,6 +132,9 @@ pub struct Metrics {
     events_broadcast: [AtomicU64; 6],
     /// Event frames written to sockets (replay included).
     pub frames_sent: AtomicU64,
+    /// Of those, frames the fan-out wrote straight into a socket (no task woken, nothing
+    /// queued).
+    pub frames_direct: AtomicU64,
     /// Replayed frames sent for `?since=`.
     pub replayed_frames: AtomicU64,
     /// Resumes (`?since=`) served from the hub's memory.
@@ -289,7 +292,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 20] = [
+        let counters: [(&str, &str, f64); 21] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -304,6 +307,11 @@ impl Metrics {
                 "orderpush_key_lookups_total",
                 "POS keys looked up in the database (cache misses).",
                 load(&self.key_lookups),
+            ),
+            (
+                "orderpush_frames_direct_total",
+                "Event frames the fan-out wrote straight into a socket, without its task.",
+                load(&self.frames_direct),
             ),
             (
                 "orderpush_frames_sent_total",

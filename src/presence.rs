@@ -141,6 +141,19 @@ pub struct Registration {
     conn: Arc<Connection>,
 }
 
+impl Registration {
+    /// The connection's record, to be told of every event written to its socket.
+    pub fn delivery_log(&self) -> Arc<dyn crate::socket::DeliveryLog> {
+        Arc::clone(&self.conn) as Arc<dyn crate::socket::DeliveryLog>
+    }
+}
+
+impl crate::socket::DeliveryLog for Connection {
+    fn delivered(&self, id: i64) {
+        Connection::delivered(self, id);
+    }
+}
+
 impl std::ops::Deref for Registration {
     type Target = Connection;
     fn deref(&self) -> &Connection {

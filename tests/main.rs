@@ -10,6 +10,7 @@ mod cli;
 mod common;
 mod dba;
 mod events;
+mod fanout;
 mod faults;
 mod fuzz;
 mod isolation;

@@ -113,6 +113,15 @@ pub async fn serve(
     debug!("stopped accepting connections");
 }
 
+/// The TCP stream under an upgraded connection, with whatever the client sent after its
+/// request head (early WebSocket frames), for the WebSocket code to own from now on.
+pub fn into_tcp(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(TcpStream, bytes::Bytes), hyper::upgrade::Upgraded> {
+    let parts = upgraded.downcast::<TokioIo<WatchedIo>>()?;
+    Ok((parts.io.into_inner().io, parts.read_buf))
+}
+
 fn is_connection_error(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),

@@ -1,8 +1,11 @@
-//! `GET /ws/pos/{tenant}`: authenticates a POS before the upgrade (contract §5), then runs one
-//! task per socket that replays from `?since=` and continues live from the hub, with nothing lost
-//! and nothing twice at the seam. Browsers, which cannot set headers on a WebSocket, present
-//! the key as a subprotocol (docs/browser-auth.md). Each socket is registered in presence and
-//! may acknowledge what it processed with `{"type":"ack","id":N}`.
+//! `GET /ws/pos/{tenant}`: authenticates a POS before the upgrade (docs/protocol.md), performs the
+//! WebSocket handshake itself and takes the upgraded TCP stream over, then runs one task per
+//! socket that replays from `?since=` and hands the socket to the fan-out (which writes live
+//! frames straight into it), with nothing lost and nothing twice at the seam. The task reads
+//! what the POS sends (pongs, pings, acks), pings it, and writes what the fan-out had to queue.
+//! Browsers, which cannot set headers on a WebSocket, present the key as a subprotocol
+//! (docs/browser-auth.md). Each socket is registered in presence and may acknowledge what it
+//! processed with `{"type":"ack","id":N}`.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,14 +14,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Extension, Path, Query, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use serde::Deserialize;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::auth::{self, Caller, KeyRefusal, VerifiedKey};
 use super::limits::{self, ConnectionSlot};
@@ -27,11 +31,12 @@ use crate::config::Tuning;
 use crate::db::events;
 use crate::db::keys;
 use crate::event;
-use crate::hub::{KickReason, Replay, Subscription};
+use crate::hub::{Frame, KickReason, Replay};
 use crate::metrics::DisconnectReason;
 use crate::presence::Registration;
+use crate::socket::{Conn, Flush, handshake, wire};
 
-/// The header a POS presents its key in (the seed's).
+/// The header a POS presents its key in (the legacy Node server's).
 pub const API_KEY_HEADER: &str = "x-api-key";
 /// The subprotocol the service speaks. A browser must offer it with its key entry, and it is the
 /// only value ever echoed in the response's `Sec-WebSocket-Protocol` (never the key).
@@ -42,21 +47,14 @@ pub const KEY_PROTOCOL_PREFIX: &str = "orderpush.key.";
 /// Largest message a POS may send. POS clients only receive (and at most ack); 4 KiB keeps a
 /// hostile client from making the server buffer anything sizeable.
 pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
-/// tungstenite's read buffer per socket, allocated up front; its 128 KiB default is sized for
-/// throughput, and 10k idle terminals would hold 1.25 GB with it. A POS sends only pongs and
-/// acks (tens of bytes); the buffer still grows on demand up to MAX_INCOMING_MESSAGE.
-pub const READ_BUFFER: usize = 128;
-/// Largest write backlog inside tungstenite for one socket: one maximal frame
-/// (`event::MAX_FRAME_BYTES`, the envelope included) and what may follow it. A frame that does
-/// not fit fails the socket without a close frame, on every attempt, so this must hold the
-/// largest frame the service ever sends. Our own queue (the hub's) bounds everything else.
-/// tungstenite allocates it on demand (an idle socket holds none of it) but keeps the capacity
-/// a big frame grew it to until the socket closes.
-pub const MAX_WRITE_BUFFER: usize = event::MAX_FRAME_BYTES + WRITE_BUFFER_SLACK;
-/// Room beyond one maximal frame in [`MAX_WRITE_BUFFER`]: its WebSocket header (at most 14
-/// bytes) and a close frame behind it (at most 129 bytes) when the socket is closed
-/// mid-frame, rounded up generously.
-pub const WRITE_BUFFER_SLACK: usize = 4 * 1024;
+/// Bytes read from a socket at a time: a POS sends pongs and acks of tens of bytes; a larger
+/// message (up to [`MAX_INCOMING_MESSAGE`]) takes a few reads.
+pub const READ_CHUNK: usize = 512;
+/// The kernel's send buffer per POS socket (`SO_SNDBUF`; Linux doubles it). Enough for dozens
+/// of typical orders, so the fan-out's direct writes almost always fit; small enough that a
+/// client that stops reading fills it quickly and meets the queue's bound (1 MiB), rather than
+/// the kernel's autotuned buffer (up to 4 MiB) hiding a slow client from it.
+pub const SEND_BUFFER: usize = 64 * 1024;
 /// Events fetched per replay query: bounds memory for a POS that was away for a long time.
 pub const REPLAY_PAGE: i64 = 500;
 /// Event data fetched per replay query, beyond its first row: 500 typical orders (~1 KB each)
@@ -103,11 +101,10 @@ async fn upgrade(
     caller: Option<Extension<Caller>>,
     Path(tenant): Path<String>,
     Query(query): Query<ResumeQuery>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Result<Response, Error> {
     let caller = caller.map(|Extension(c)| c);
-    let key = match authenticate(&state, caller.as_ref(), &tenant, &headers).await {
+    let key = match authenticate(&state, caller.as_ref(), &tenant, request.headers()).await {
         Ok(key) => key,
         Err(refusal) => {
             if matches!(
@@ -125,13 +122,13 @@ async fn upgrade(
             Error::BadRequest("since must be a non-negative integer event id".into())
         })?),
     };
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => return Ok(axum::response::IntoResponse::into_response(rejection)),
+    let switching = match handshake::accept(request.headers(), SUBPROTOCOL) {
+        Ok(response) => response,
+        Err(e) => return Ok((e.status(), e.to_string()).into_response()),
     };
     // Reserved before the upgrade, released when the socket ends: the slot moves into the
-    // upgrade callback, so it is also released if that callback never runs (the client went
-    // away before the upgrade completed).
+    // socket's task, so it is also released if the upgrade never completes (the client went
+    // away before it).
     let (tenant, key_id): (Arc<str>, Arc<str>) = (tenant.into(), key.identity.id.into());
     let slot = match state
         .connection_limits
@@ -147,31 +144,21 @@ async fn upgrade(
             });
         }
     };
-    let generation = key.generation;
-    let tenant_since = key.identity.tenant_since;
-    // The token keeps the tracker open from now on, so shutdown waits for this socket too.
-    let token = state.tracker.token();
-    Ok(ws
-        .protocols([SUBPROTOCOL])
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(MAX_INCOMING_MESSAGE)
-        .max_frame_size(MAX_INCOMING_MESSAGE)
-        .on_upgrade(move |socket| {
-            serve_socket(
-                Box::new(socket),
-                state,
-                slot,
-                KeyFacts {
-                    generation,
-                    tenant_since,
-                },
-                since,
-                peer,
-                token,
-            )
-        }))
+    let key = KeyFacts {
+        generation: key.generation,
+        tenant_since: key.identity.tenant_since,
+    };
+    let upgraded = hyper::upgrade::on(&mut request);
+    // Tracked: shutdown waits for every socket's close frame.
+    state.tracker.spawn(Box::pin(serve_socket(
+        upgraded,
+        state.clone(),
+        slot,
+        key,
+        since,
+        peer,
+    )));
+    Ok(switching.map(|()| Body::empty()))
 }
 
 /// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403; a key
@@ -238,29 +225,44 @@ struct KeyFacts {
     tenant_since: Option<std::time::SystemTime>,
 }
 
-/// Runs one POS socket from upgrade to close. The socket arrives boxed and the tenant and key
-/// id shared (in the slot): an async fn's arguments are stored in its task for its whole life,
-/// so keeping them small keeps every idle connection small.
+/// Runs one POS socket from upgrade to close: takes the TCP stream over from the HTTP
+/// connection, registers it, and serves it.
 async fn serve_socket(
-    mut socket: Box<WebSocket>,
+    upgraded: hyper::upgrade::OnUpgrade,
     state: AppState,
     // Released (dropped) only after the socket is closed.
     slot: ConnectionSlot,
     key: KeyFacts,
     since: Option<i64>,
     peer: SocketAddr,
-    // Held until the socket is closed, so shutdown waits for the close frame.
-    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
+    let Ok(upgraded) = upgraded.await else {
+        // The client went away before the upgrade completed.
+        return;
+    };
+    let (stream, early) = match super::serve::into_tcp(upgraded) {
+        Ok(parts) => parts,
+        Err(_) => {
+            warn!("an upgraded connection is not a TCP stream of ours; dropping it");
+            return;
+        }
+    };
+    // Frames go out whole and at once: Nagle's algorithm would hold a small frame back until
+    // the previous one is acknowledged (up to 40 ms with delayed ACKs).
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
     let (tenant, key_id) = (slot.tenant(), slot.key_id());
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
-    // Subscribe before replaying: every event is then either in the replay or in the queue.
-    let (sub, replay) = state
-        .hub
-        .subscribe_after(tenant, key_id, since, key.tenant_since);
-    let conn = state.presence.register(tenant, key_id, peer, since);
+    let registration = state.presence.register(tenant, key_id, peer, since);
+    let conn = Conn::new(stream, registration.delivery_log());
+    // Subscribe before replaying: every event is then either in the replay or offered to the
+    // connection (queued while it replays).
+    let (sub, replay) =
+        state
+            .hub
+            .subscribe(tenant, key_id, since, key.tenant_since, Arc::clone(&conn));
     let reason = if !state.keys.still_valid(key_id, tenant, key.generation) {
         // The key was revoked or moved while this socket was being set up: that change found
         // no socket here to close, so close it now.
@@ -269,16 +271,19 @@ async fn serve_socket(
         // Pinned once per connection: creating these futures for every frame would register
         // and unregister a waiter under a lock each time.
         let shutdown = state.shutdown.cancelled();
-        let kicked = sub.kicked();
+        let kicked = conn.kicked();
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(shutdown, kicked, timer);
         let now = Instant::now();
+        let mut reader = wire::Reader::new(MAX_INCOMING_MESSAGE);
+        reader.feed(&early);
+        drop(early);
         let mut socket_task = SocketTask {
-            socket: &mut socket,
+            conn: &conn,
             state: &state,
             tenant,
-            sub: &sub,
-            conn: &conn,
+            registration: &registration,
+            reader,
             shutdown,
             kicked,
             live: Liveness {
@@ -292,16 +297,18 @@ async fn serve_socket(
         socket_task.run(since, replay).await
     };
     drop(sub);
-    drop(conn);
+    drop(registration);
     // Boxed: the close handshake (with its timer) is rare, and inline it would enlarge every
     // idle connection's task.
-    Box::pin(close(&mut socket, reason)).await;
+    Box::pin(close(&conn, reason)).await;
+    conn.shutdown();
     state.metrics.disconnected(reason);
     info!(tenant = %tenant, key_id = %key_id, ?reason, "WebSocket connection closed for tenant: {tenant}");
 }
 
-/// Sends the close frame that tells the POS why, if the reason has one.
-async fn close(socket: &mut WebSocket, reason: DisconnectReason) {
+/// Sends the close frame that tells the POS why, if the reason has one (and answers a POS that
+/// closed), giving it at most [`CLOSE_TIMEOUT`] to be written.
+async fn close(conn: &Conn, reason: DisconnectReason) {
     let (code, text) = match reason {
         DisconnectReason::Shutdown => (close_code::GOING_AWAY, "server shutting down"),
         DisconnectReason::SlowConsumer => (
@@ -313,32 +320,43 @@ async fn close(socket: &mut WebSocket, reason: DisconnectReason) {
             close_code::INTERNAL,
             "temporary server error: reconnect with ?since=<last id>",
         ),
-        DisconnectReason::Client
-        | DisconnectReason::PingTimeout
-        | DisconnectReason::ProtocolError => {
-            return;
+        // The POS closed: its close frame was answered (queued) when it was read.
+        DisconnectReason::Client => (0, ""),
+        // Nobody listens (a dead peer) or it broke the protocol: nothing more to say.
+        DisconnectReason::PingTimeout | DisconnectReason::ProtocolError => return,
+    };
+    if code != 0 {
+        conn.close_with(wire::close_frame(code, text));
+    }
+    let written = async {
+        loop {
+            match conn.flush().0 {
+                Flush::Blocked => {
+                    if conn.writable().await.is_err() {
+                        return;
+                    }
+                }
+                // `close_with` left no event to decide on; anything else ends it.
+                Flush::Idle | Flush::Gone | Flush::Decide { .. } => return,
+            }
         }
     };
-    let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(text),
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, written).await;
 }
 
-/// Why a send was interrupted.
+/// Why the task stopped before its socket did.
 enum Stop {
     Ended(DisconnectReason),
 }
 
-/// One POS socket's task: its socket, its queue, the two ways it can be told to stop, and its
-/// liveness watch.
+/// One POS socket's task: its connection, what the POS sent so far, the two ways it can be told
+/// to stop, and its liveness watch.
 struct SocketTask<'a, S, K> {
-    socket: &'a mut WebSocket,
+    conn: &'a Arc<Conn>,
     state: &'a AppState,
     tenant: &'a Arc<str>,
-    sub: &'a Subscription,
-    conn: &'a Registration,
+    registration: &'a Registration,
+    reader: wire::Reader,
     shutdown: Pin<&'a mut S>,
     kicked: Pin<&'a mut K>,
     live: Liveness<'a>,
@@ -350,13 +368,13 @@ struct SocketTask<'a, S, K> {
 /// `pong_timeout`): it is set for whichever comes first. A received frame only moves
 /// `last_heard`, so no timer is reset per frame; when the timer fires for a deadline that has
 /// since moved, it is re-armed for the new one. A silent peer is therefore dropped
-/// `pong_timeout` after its last frame whatever the ping phase, also while a send to it is
+/// `pong_timeout` after its last frame whatever the ping phase, also while a write to it is
 /// stuck (a peer that stopped reading), and the task holds a single timer, inline.
 struct Liveness<'a> {
     timer: Pin<&'a mut tokio::time::Sleep>,
     /// False during the replay (the socket is not read then, so silence proves nothing).
     watching: bool,
-    /// A ping fell due while a send was in progress; it goes out next.
+    /// A ping fell due while the task was busy; it goes out next.
     ping_due: bool,
     /// When the last frame from the peer arrived (any frame: pong, text, ping).
     last_heard: Instant,
@@ -365,104 +383,44 @@ struct Liveness<'a> {
 
 impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn run(&mut self, since: Option<i64>, replay: Replay) -> DisconnectReason {
-        let mut last_sent = match (since, replay) {
-            (None, _) => None,
-            // Memory never replays more than the log would (it holds 64 frames; only a
-            // shortened limit, as in tests, can be smaller).
-            (Some(since), Replay::Frames(frames))
-                if frames.len() as i64 <= self.state.tuning.max_replay_rows =>
-            {
-                // Served from the hub's memory: no database query on the reconnect path.
-                self.state
-                    .metrics
-                    .resumes_from_memory
-                    .fetch_add(1, Ordering::Relaxed);
-                let mut last = since;
-                for frame in frames {
-                    if let Err(Stop::Ended(reason)) =
-                        self.send_event(frame.id, frame.text, true).await
-                    {
-                        return reason;
-                    }
-                    last = frame.id;
-                }
-                Some(last)
-            }
-            (Some(since), _) => {
-                self.state
-                    .metrics
-                    .resumes_from_database
-                    .fetch_add(1, Ordering::Relaxed);
-                // Boxed: the database replay's futures are large and rarely needed.
-                match Box::pin(self.catch_up(since)).await {
-                    Ok(last) => Some(last),
-                    Err(Stop::Ended(reason)) => return reason,
-                }
-            }
-        };
+        match self.catch_up_at_start(since, replay).await {
+            Ok(last) => self.conn.go_live(last),
+            Err(Stop::Ended(reason)) => return reason,
+        }
         let state: &AppState = self.state;
         let tuning = &state.tuning;
         self.live.start(tuning);
         loop {
+            // What the fan-out queued (a blocked or partial write, a frame out of sequence):
+            // written out here until the socket takes no more.
+            let blocked = match self.flush().await {
+                Ok(blocked) => blocked,
+                Err(Stop::Ended(reason)) => return reason,
+            };
             if self.live.ping_due {
                 self.live.ping_due = false;
-                if let Err(Stop::Ended(reason)) = self.send(Message::Ping(Default::default())).await
-                {
-                    return reason;
-                }
+                self.conn.control(wire::PING);
                 self.live.pinged(tuning);
+                continue;
             }
             tokio::select! {
                 biased;
                 _ = &mut self.shutdown => return DisconnectReason::Shutdown,
-                _ = &mut self.kicked => return kick_reason(self.sub),
-                frame = self.sub.recv() => {
-                    if frame.rewind {
-                        // The log went backwards: a socket that was sent more than it now holds
-                        // is told so, and continues from its lower id.
-                        if last_sent.is_some_and(|last| last > frame.id) {
-                            if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
-                                return reason;
-                            }
-                            last_sent = Some(frame.id);
-                        }
-                        continue;
+                _ = &mut self.kicked => return kick_reason(self.conn),
+                // A frame queued for the task (or a kick, seen above on the next turn).
+                _ = self.conn.woken() => {}
+                // The socket takes bytes again.
+                r = self.conn.writable(), if blocked => {
+                    if r.is_err() {
+                        return DisconnectReason::Client;
                     }
-                    if let Some(last) = last_sent {
-                        if frame.id <= last {
-                            continue; // already sent by the replay
-                        }
-                        if frame.id > last + 1 {
-                            // A hole (e.g. pruned before the listener read it): fill it from
-                            // the log, or tell the POS to resync; never skip silently.
-                            match Box::pin(self.catch_up(last)).await {
-                                Ok(l) => last_sent = Some(l),
-                                Err(Stop::Ended(reason)) => return reason,
-                            }
-                            if frame.id <= last_sent.unwrap_or(last) {
-                                continue;
-                            }
-                        }
-                    }
-                    if let Err(Stop::Ended(reason)) = self.send_event(frame.id, frame.text, false).await {
-                        return reason;
-                    }
-                    last_sent = Some(frame.id);
                 }
-                msg = self.socket.recv() => {
-                    match msg {
-                        None | Some(Ok(Message::Close(_))) => return DisconnectReason::Client,
-                        Some(Err(e)) => {
-                            debug!(error = %e, "socket read failed");
-                            return DisconnectReason::ProtocolError;
-                        }
-                        // Anything a POS sends proves it is alive; a text frame may be an ack.
-                        Some(Ok(msg)) => {
-                            self.live.last_heard = Instant::now();
-                            if let Message::Text(text) = msg {
-                                client_message(self.state, self.conn, &text);
-                            }
-                        }
+                r = self.conn.readable() => {
+                    if r.is_err() {
+                        return DisconnectReason::Client;
+                    }
+                    if let Err(Stop::Ended(reason)) = self.read() {
+                        return reason;
                     }
                 }
                 _ = &mut self.live.timer => {
@@ -474,43 +432,163 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         }
     }
 
-    /// Sends one message, giving up as soon as the socket is kicked or the server shuts down
-    /// (a stalled peer must not pin its task). The hub's drain watch sees the write start and
-    /// finish, and kicks the socket if it does not finish within the drain timeout: no timer
-    /// of our own per send or per socket.
-    async fn send(&mut self, msg: Message) -> Result<(), Stop> {
-        self.sub.write_started();
-        let send = self.socket.send(msg);
-        tokio::pin!(send);
-        let result = loop {
-            tokio::select! {
-                biased;
-                r = &mut send => break r.map_err(|_| Stop::Ended(DisconnectReason::Client)),
-                _ = &mut self.kicked => break Err(Stop::Ended(kick_reason(self.sub))),
-                _ = &mut self.shutdown => break Err(Stop::Ended(DisconnectReason::Shutdown)),
-                // Once live, the peer's deadline also ends a send it does not read.
-                _ = &mut self.live.timer, if self.live.watching => {
-                    if let Err(stop) = self.live.on_timer(&self.state.tuning) {
-                        break Err(stop);
+    /// The replay that brings a socket from `since` to the live stream; returns the last event
+    /// id written (`None` for a socket that joined without `since`).
+    async fn catch_up_at_start(
+        &mut self,
+        since: Option<i64>,
+        replay: Replay,
+    ) -> Result<Option<i64>, Stop> {
+        let Some(since) = since else {
+            return Ok(None);
+        };
+        match replay {
+            // Memory never replays more than the log would (it holds 64 frames; only a
+            // shortened limit, as in tests, can be smaller).
+            Replay::Frames(frames) if frames.len() as i64 <= self.state.tuning.max_replay_rows => {
+                // Served from the hub's memory: no database query on the reconnect path.
+                self.state
+                    .metrics
+                    .resumes_from_memory
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut last = since;
+                for frame in frames {
+                    self.write_event(frame.id, &frame.wire, true).await?;
+                    last = frame.id;
+                }
+                Ok(Some(last))
+            }
+            _ => {
+                self.state
+                    .metrics
+                    .resumes_from_database
+                    .fetch_add(1, Ordering::Relaxed);
+                // Boxed: the database replay's futures are large and rarely needed.
+                Box::pin(self.catch_up(since)).await.map(Some)
+            }
+        }
+    }
+
+    /// Writes what is queued until the socket takes no more; decides on the events the
+    /// connection could not place (a hole before them, a rewind). Returns true when the socket
+    /// is full and the rest waits for it to be writable.
+    async fn flush(&mut self) -> Result<bool, Stop> {
+        loop {
+            let (outcome, written) = self.conn.flush();
+            self.state
+                .metrics
+                .frames_sent
+                .fetch_add(written, Ordering::Relaxed);
+            match outcome {
+                Flush::Idle => return Ok(false),
+                Flush::Blocked => return Ok(true),
+                Flush::Gone => return Err(Stop::Ended(DisconnectReason::Client)),
+                Flush::Decide { id, frame, rewind } => {
+                    let last = self.conn.last_id();
+                    if rewind {
+                        // The log went backwards: a socket that was sent more than it now holds
+                        // is told so, and continues from the lower id.
+                        if last.is_some_and(|last| last > id) {
+                            self.write_frame(&frame).await?;
+                        }
+                        self.conn.go_live(Some(id));
+                    } else {
+                        // A hole before this event (pruned before the listener read it): fill
+                        // it from the log, or tell the POS to resync; never skip silently.
+                        let mut last = match last {
+                            Some(last) => Box::pin(self.catch_up(last)).await?,
+                            None => id - 1,
+                        };
+                        if id > last {
+                            self.write_event(id, &frame, false).await?;
+                            last = id;
+                        }
+                        self.conn.go_live(Some(last));
                     }
                 }
             }
-        };
-        if result.is_ok() {
-            self.sub.write_done();
         }
-        result
     }
 
-    /// Sends one event frame and records it (metrics, presence).
-    async fn send_event(&mut self, id: i64, text: Utf8Bytes, replayed: bool) -> Result<(), Stop> {
-        self.send(Message::Text(text)).await?;
+    /// Reads what the POS sent and acts on each complete message.
+    fn read(&mut self) -> Result<(), Stop> {
+        let mut buf = [0u8; READ_CHUNK];
+        match self.conn.try_read(&mut buf) {
+            Ok(0) => return Err(Stop::Ended(DisconnectReason::Client)),
+            Ok(n) => self.reader.feed(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => return Err(Stop::Ended(DisconnectReason::Client)),
+        }
+        // Anything a POS sends proves it is alive.
+        self.live.last_heard = Instant::now();
+        loop {
+            match self.reader.next_message() {
+                Ok(None) => return Ok(()),
+                Ok(Some(wire::Incoming::Ping(payload))) => {
+                    self.conn.control(wire::pong_frame(&payload));
+                }
+                Ok(Some(wire::Incoming::Pong | wire::Incoming::Binary)) => {}
+                // A text message may be an ack.
+                Ok(Some(wire::Incoming::Text(text))) => {
+                    client_message(self.state, self.registration, &text);
+                }
+                Ok(Some(wire::Incoming::Close)) => {
+                    // Answer it; the close handshake is then complete.
+                    self.conn.close_with(wire::close_frame(1000, ""));
+                    return Err(Stop::Ended(DisconnectReason::Client));
+                }
+                Err(e) => {
+                    debug!(error = %e, "a POS broke the WebSocket protocol");
+                    return Err(Stop::Ended(DisconnectReason::ProtocolError));
+                }
+            }
+        }
+    }
+
+    /// Writes a whole frame from the task (while the connection is paused: replay, catch-up, a
+    /// decision), waiting for the socket to take it, but giving up as soon as the socket is
+    /// kicked, the server shuts down or (once live) the peer's deadline passes: a stalled peer
+    /// must not pin its task. The hub's drain watch sees a write that makes no progress.
+    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), Stop> {
+        let mut written = 0;
+        while written < frame.len() {
+            match self.conn.write_some(&frame[written..]) {
+                Ok(n) => {
+                    written += n;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Stop::Ended(DisconnectReason::Client)),
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    r = self.conn.writable() => {
+                        if r.is_err() {
+                            return Err(Stop::Ended(DisconnectReason::Client));
+                        }
+                        break;
+                    }
+                    _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.conn))),
+                    _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
+                    _ = &mut self.live.timer, if self.live.watching => {
+                        self.live.on_timer(&self.state.tuning)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one event frame from the task and records it (metrics, presence).
+    async fn write_event(&mut self, id: i64, frame: &Bytes, replayed: bool) -> Result<(), Stop> {
+        self.write_frame(frame).await?;
+        self.conn.wrote(id);
         let metrics = &self.state.metrics;
         metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
         if replayed {
             metrics.replayed_frames.fetch_add(1, Ordering::Relaxed);
         }
-        self.conn.delivered(id);
         Ok(())
     }
 
@@ -553,7 +631,8 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 if e.id != last + 1 {
                     break;
                 }
-                self.send_event(e.id, e.to_frame().into(), true).await?;
+                let frame = Frame::event(e.id, &e.to_frame(), e.emitted_at);
+                self.write_event(e.id, &frame.wire, true).await?;
                 last = e.id;
             }
             if last < head {
@@ -579,7 +658,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         let result = tokio::select! {
             biased;
             _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
-            _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.sub))),
+            _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.conn))),
             r = read => r,
         };
         result.map_err(|e| {
@@ -597,9 +676,9 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         head: i64,
     ) -> Result<i64, Stop> {
         let text = event::resync_required(self.tenant, reason, since, head);
-        self.send(Message::Text(text.into())).await?;
+        self.write_frame(&wire::text_frame(text.as_bytes())).await?;
         self.state.metrics.resync(reason);
-        self.conn.delivered(head);
+        self.conn.wrote(head);
         Ok(head)
     }
 }
@@ -647,8 +726,8 @@ impl Liveness<'_> {
 }
 
 /// Why the hub kicked a socket.
-fn kick_reason(sub: &Subscription) -> DisconnectReason {
-    match sub.kick_reason() {
+fn kick_reason(conn: &Conn) -> DisconnectReason {
+    match conn.kick_reason() {
         Some(KickReason::KeyRevoked) => DisconnectReason::KeyRevoked,
         // A stalled drain is a slow consumer too: same close code (1013), same remedy.
         Some(KickReason::SlowConsumer | KickReason::Stalled) | None => {

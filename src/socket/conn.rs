@@ -1,0 +1,480 @@
+//! One POS connection, shared by the fan-out and the socket's own task.
+//!
+//! Every write to the socket goes through one lock and never waits: the fan-out writes an event
+//! frame straight into the socket with a non-blocking write when the socket is live, nothing is
+//! queued before it and the kernel has room (the common case: no task is woken, no queue
+//! touched). Otherwise — the socket is still replaying, a write would block or only part of the
+//! frame fits, the frame is out of sequence — the frame joins the connection's queue, and the
+//! socket's task writes the queue out when the socket is writable again. Order per socket holds
+//! because nothing is written directly while anything is queued.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Told of every event written to the socket, completely (presence records it for the admin
+/// API and to check acks).
+pub trait DeliveryLog: Send + Sync {
+    /// Event `id` was written to the socket.
+    fn delivered(&self, id: i64);
+}
+
+/// Why a connection was ended from outside its task (the task closes it accordingly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Its queue was full: close 1013, the POS resumes with `since`.
+    SlowConsumer,
+    /// Its key was revoked or moved: close 1008.
+    KeyRevoked,
+    /// It had something to send and completed no write for the drain timeout: close 1013.
+    Stalled,
+}
+
+/// How many bytes and frames may wait for one socket before it counts as too slow.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueBounds {
+    /// Bytes queued at most (an empty queue takes one frame of any size).
+    pub bytes: usize,
+    /// Frames queued at most.
+    pub frames: usize,
+}
+
+/// What became of a frame offered to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Written to the socket in full, directly.
+    Written,
+    /// Queued (or partly written): the socket's task writes the rest.
+    Queued,
+    /// The queue is full: the connection must be kicked as a slow consumer.
+    TooSlow,
+    /// The connection is closing or broken: nothing to do.
+    Gone,
+}
+
+/// What the socket's task must do after [`Conn::flush`].
+#[derive(Debug)]
+pub enum Flush {
+    /// Everything is written; direct writes are on again if the socket is live.
+    Idle,
+    /// The socket takes no more now: wait until it is writable, then flush again.
+    Blocked,
+    /// An event out of sequence (a hole before it, as after pruning) or a rewind: the task
+    /// decides what to send, then flushes again. Direct writes stay off meanwhile.
+    Decide {
+        /// The event's id.
+        id: i64,
+        /// Its frame.
+        frame: Bytes,
+        /// A `resync_required` (`log_rewound`) telling the socket to go back to `id`.
+        rewind: bool,
+    },
+    /// A write failed: the peer is gone.
+    Gone,
+}
+
+#[derive(Debug)]
+enum What {
+    Event(i64),
+    Rewind(i64),
+    Control,
+}
+
+#[derive(Debug)]
+struct Pending {
+    bytes: Bytes,
+    what: What,
+}
+
+#[derive(Debug, Default)]
+struct Out {
+    /// The task follows the live stream (not replaying or catching up).
+    live: bool,
+    /// The fan-out may write directly: live and nothing queued.
+    direct: bool,
+    /// The last event written (or being written) to the socket, in order.
+    last_id: Option<i64>,
+    queue: VecDeque<Pending>,
+    /// Bytes of the queue's first frame already written.
+    head_written: usize,
+    queued_bytes: usize,
+    /// A write failed.
+    broken: bool,
+}
+
+/// The connection: the socket and its ordered write path, its kick signal and the counters the
+/// drain watch reads.
+pub struct Conn {
+    stream: TcpStream,
+    out: Mutex<Out>,
+    /// Wakes the task: something is queued, or the connection was kicked.
+    wake: Notify,
+    /// Wakes every waiter once, when the connection is kicked.
+    kick: Notify,
+    /// 0 = not kicked, else a [`Kick`] code.
+    kicked: AtomicU8,
+    /// Writes completed (wrapping): the progress the drain watch looks for.
+    writes: AtomicU32,
+    /// The task waits for the socket to take queued bytes.
+    waiting: AtomicBool,
+    log: Arc<dyn DeliveryLog>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl Conn {
+    /// A connection over an upgraded socket, reporting what it writes to `log`.
+    pub fn new(stream: TcpStream, log: Arc<dyn DeliveryLog>) -> Arc<Self> {
+        Arc::new(Self {
+            stream,
+            out: Mutex::default(),
+            wake: Notify::new(),
+            kick: Notify::new(),
+            kicked: AtomicU8::new(0),
+            writes: AtomicU32::new(0),
+            waiting: AtomicBool::new(false),
+            log,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Offers an event frame from the fan-out: written at once when the socket is live, nothing
+    /// is queued and the kernel has room; queued (within `bounds`) otherwise.
+    pub fn offer(&self, id: i64, frame: &Bytes, rewind: bool, bounds: QueueBounds) -> Offered {
+        if self.kick_reason().is_some() {
+            return Offered::Gone;
+        }
+        let mut out = self.lock();
+        if out.broken {
+            return Offered::Gone;
+        }
+        let in_order = out.last_id.is_none_or(|last| id == last + 1);
+        if out.direct && !rewind && in_order {
+            debug_assert!(out.queue.is_empty());
+            match self.stream.try_write(frame) {
+                // Nothing taken: queue it, as for a write that would block.
+                Ok(0) => {}
+                Ok(n) if n == frame.len() => {
+                    out.last_id = Some(id);
+                    self.writes.fetch_add(1, Ordering::Relaxed);
+                    drop(out);
+                    self.log.delivered(id);
+                    return Offered::Written;
+                }
+                Ok(n) => {
+                    // Part of it fits: the task writes the rest, and everything after it.
+                    out.last_id = Some(id);
+                    self.writes.fetch_add(1, Ordering::Relaxed);
+                    out.direct = false;
+                    out.queued_bytes += frame.len();
+                    out.head_written = n;
+                    out.queue.push_back(Pending {
+                        bytes: frame.clone(),
+                        what: What::Event(id),
+                    });
+                    drop(out);
+                    self.wake.notify_one();
+                    return Offered::Queued;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    out.broken = true;
+                    drop(out);
+                    self.wake.notify_one();
+                    return Offered::Gone;
+                }
+            }
+        }
+        // An empty queue takes any frame: frames are at most one maximal frame, and a bound
+        // smaller than that would cut every socket of the tenant on it, again on every resume.
+        let fits = out.queue.is_empty()
+            || (out.queue.len() < bounds.frames && out.queued_bytes + frame.len() <= bounds.bytes);
+        if !fits {
+            return Offered::TooSlow;
+        }
+        out.direct = false;
+        out.queued_bytes += frame.len();
+        out.queue.push_back(Pending {
+            bytes: frame.clone(),
+            what: if rewind {
+                What::Rewind(id)
+            } else {
+                What::Event(id)
+            },
+        });
+        drop(out);
+        self.wake.notify_one();
+        Offered::Queued
+    }
+
+    /// The task follows the live stream from `last_id` (the last event it wrote; `None` for a
+    /// socket that joined without `since` and was sent nothing yet). Direct writes resume once
+    /// the queue is written out ([`Conn::flush`]).
+    pub fn go_live(&self, last_id: Option<i64>) {
+        let mut out = self.lock();
+        out.live = true;
+        if last_id.is_some() {
+            out.last_id = last_id;
+        }
+    }
+
+    /// The task replays or catches up: no direct writes until [`Conn::go_live`] and a flush.
+    pub fn pause(&self) {
+        let mut out = self.lock();
+        out.live = false;
+        out.direct = false;
+    }
+
+    /// Writes what is queued, in order, as far as the socket takes it without waiting. Returns
+    /// what the task must do next and how many events it wrote in full.
+    pub fn flush(&self) -> (Flush, u64) {
+        let mut out = self.lock();
+        let mut events = 0;
+        loop {
+            if out.broken {
+                return (Flush::Gone, events);
+            }
+            let Some(front) = out.queue.front() else {
+                out.direct = out.live;
+                self.waiting.store(false, Ordering::Release);
+                return (Flush::Idle, events);
+            };
+            if out.head_written == 0 {
+                match front.what {
+                    What::Event(id) if out.last_id.is_some_and(|last| id <= last) => {
+                        // Already sent (by the replay, at the seam).
+                        let p = out.queue.pop_front().expect("front exists");
+                        out.queued_bytes -= p.bytes.len();
+                        continue;
+                    }
+                    What::Event(id) if out.last_id.is_none_or(|last| id == last + 1) => {
+                        out.last_id = Some(id);
+                    }
+                    What::Event(_) | What::Rewind(_) => {
+                        let p = out.queue.pop_front().expect("front exists");
+                        out.queued_bytes -= p.bytes.len();
+                        out.live = false;
+                        out.direct = false;
+                        let (id, rewind) = match p.what {
+                            What::Rewind(id) => (id, true),
+                            What::Event(id) => (id, false),
+                            What::Control => unreachable!("matched above"),
+                        };
+                        return (
+                            Flush::Decide {
+                                id,
+                                frame: p.bytes,
+                                rewind,
+                            },
+                            events,
+                        );
+                    }
+                    What::Control => {}
+                }
+            }
+            let written = out.head_written;
+            let result = self
+                .stream
+                .try_write(&out.queue.front().expect("front exists").bytes[written..]);
+            match result {
+                Ok(n) => {
+                    self.writes.fetch_add(1, Ordering::Relaxed);
+                    out.head_written += n;
+                    let done = out
+                        .queue
+                        .front()
+                        .is_some_and(|p| out.head_written == p.bytes.len());
+                    if done {
+                        let p = out.queue.pop_front().expect("front exists");
+                        out.queued_bytes -= p.bytes.len();
+                        out.head_written = 0;
+                        if let What::Event(id) = p.what {
+                            events += 1;
+                            self.log.delivered(id);
+                        }
+                        if out.queue.is_empty() {
+                            // Give back the memory a burst grew the queue to.
+                            out.queue = VecDeque::new();
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.waiting.store(true, Ordering::Release);
+                    return (Flush::Blocked, events);
+                }
+                Err(_) => {
+                    out.broken = true;
+                    return (Flush::Gone, events);
+                }
+            }
+        }
+    }
+
+    /// Writes from the task while it is not live (replay, catch-up): as much of `bytes` as the
+    /// socket takes now. Nothing else writes meanwhile (direct writes are off, and the queue
+    /// waits for the task), so the task may write a frame in several calls.
+    pub fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
+        let out = self.lock();
+        debug_assert!(!out.direct);
+        match self.stream.try_write(bytes) {
+            Ok(n) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                drop(out);
+                self.waiting.store(n < bytes.len(), Ordering::Release);
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.waiting.store(true, Ordering::Release);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that the task wrote event `id` itself (replay, catch-up), in order.
+    pub fn wrote(&self, id: i64) {
+        self.lock().last_id = Some(id);
+        self.log.delivered(id);
+    }
+
+    /// The last event written to the socket, in order.
+    pub fn last_id(&self) -> Option<i64> {
+        self.lock().last_id
+    }
+
+    /// Sends a control frame (ping, pong): directly when nothing is queued, else behind what
+    /// is. True when it still has to be flushed.
+    pub fn control(&self, frame: Bytes) -> bool {
+        let mut out = self.lock();
+        if out.broken {
+            return false;
+        }
+        if out.queue.is_empty() {
+            match self.stream.try_write(&frame) {
+                Ok(n) if n == frame.len() => return false,
+                Ok(n) => out.head_written = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    out.broken = true;
+                    return false;
+                }
+            }
+        }
+        out.direct = false;
+        out.queued_bytes += frame.len();
+        out.queue.push_back(Pending {
+            bytes: frame,
+            what: What::Control,
+        });
+        true
+    }
+
+    /// Ends the stream with a close frame: what is queued is dropped (the frame being written
+    /// is finished first, so the close frame starts on a frame boundary). Flush to send it.
+    pub fn close_with(&self, frame: Bytes) {
+        let mut out = self.lock();
+        out.live = false;
+        out.direct = false;
+        let keep = usize::from(out.head_written > 0).min(out.queue.len());
+        out.queue.truncate(keep);
+        out.queued_bytes = out.queue.iter().map(|p| p.bytes.len()).sum();
+        out.queued_bytes += frame.len();
+        out.queue.push_back(Pending {
+            bytes: frame,
+            what: What::Control,
+        });
+    }
+
+    /// Waits until the socket may have bytes to read.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.stream.readable().await
+    }
+
+    /// Reads what has arrived, without waiting (`WouldBlock` when nothing has).
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.try_read(buf)
+    }
+
+    /// Waits until the socket takes more bytes.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    /// Resolves when there is something for the task to do: a frame queued, or a kick.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Ends the connection from outside its task (the first reason wins).
+    pub fn fire(&self, reason: Kick) {
+        let code = match reason {
+            Kick::SlowConsumer => 1,
+            Kick::KeyRevoked => 2,
+            Kick::Stalled => 3,
+        };
+        if self
+            .kicked
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.kick.notify_waiters();
+            self.wake.notify_one();
+        }
+    }
+
+    /// Why the connection was kicked, if it was.
+    pub fn kick_reason(&self) -> Option<Kick> {
+        match self.kicked.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Kick::SlowConsumer),
+            2 => Some(Kick::KeyRevoked),
+            _ => Some(Kick::Stalled),
+        }
+    }
+
+    /// Resolves when the connection is kicked.
+    pub async fn kicked(&self) {
+        loop {
+            // Register before checking, so a kick between the check and the await still wakes.
+            let notified = self.kick.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.kick_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Writes completed so far (wrapping).
+    pub fn writes(&self) -> u32 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    /// True when the connection has something to send: queued bytes, or the task waits for the
+    /// socket to take a write.
+    pub fn has_work(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) || !self.lock().queue.is_empty()
+    }
+
+    /// Closes the socket both ways at once (a FIN to the peer), whoever still holds the
+    /// connection.
+    pub fn shutdown(&self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
+    }
+}
