@@ -111,7 +111,27 @@ pub struct ServeArgs {
     #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS_PER_TENANT", value_parser = parse_cap,
           default_value_t = crate::http::limits::MAX_CONNECTIONS_PER_TENANT)]
     pub max_connections_per_tenant: usize,
+    /// Open orders sent at most for `?snapshot=open`; past it `snapshot_end` says
+    /// `"complete": false` (at least 1).
+    #[arg(long, env = "ORDERPUSH_SNAPSHOT_MAX_ORDERS", value_parser = parse_cap,
+          default_value_t = SNAPSHOT_MAX_ORDERS)]
+    pub snapshot_max_orders: usize,
+    /// Bytes of `order_snapshot` frames sent at most for one snapshot (e.g. 4194304); past it
+    /// `"complete": false`. At least one maximal frame (1 MiB), at most 64 MiB.
+    #[arg(long, env = "ORDERPUSH_SNAPSHOT_MAX_BYTES", value_parser = parse_snapshot_bytes,
+          default_value_t = SNAPSHOT_MAX_BYTES)]
+    pub snapshot_max_bytes: usize,
 }
+
+/// Open orders a snapshot sends at most: a restaurant has tens open at once, a busy one a few
+/// hundred; a thousand bounds what a confused query (a status never closed) can send.
+pub const SNAPSHOT_MAX_ORDERS: usize = 1_000;
+/// Bytes a snapshot sends at most: a thousand typical orders (~1-4 KB each) fit; the bound
+/// keeps a snapshot of huge orders from being a replay of its own.
+pub const SNAPSHOT_MAX_BYTES: usize = 4 << 20;
+/// Bounds of `--snapshot-max-bytes`: at least one maximal frame, so a snapshot can always send
+/// an order; at most 64 MiB, far beyond any real restaurant's open orders.
+const SNAPSHOT_BYTES_RANGE: std::ops::RangeInclusive<usize> = (1 << 20)..=(64 << 20);
 
 /// `orderpush migrate`.
 #[derive(Debug, Args)]
@@ -194,6 +214,16 @@ pub struct TailArgs {
     /// First replay every retained event after this id, then continue live.
     #[arg(long)]
     pub since: Option<i64>,
+    /// Ask for the open orders (`?snapshot=open`) instead of `resync_required`, and when
+    /// starting without --since.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Only these event types, comma-separated (e.g. new_order,order_updated).
+    #[arg(long, value_delimiter = ',')]
+    pub types: Option<Vec<String>>,
+    /// Acknowledge each event once printed ({"type":"ack","id":N}).
+    #[arg(long)]
+    pub ack: bool,
 }
 
 /// `orderpush keys ...`.
@@ -268,6 +298,17 @@ fn parse_token(s: &str) -> Result<String, String> {
 
 /// A connection cap: a whole number of at least 1 (0 would refuse every connection, which is
 /// never what an operator means; there is no "unlimited").
+fn parse_snapshot_bytes(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if SNAPSHOT_BYTES_RANGE.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' must be a number of bytes from {} to {}",
+            SNAPSHOT_BYTES_RANGE.start(),
+            SNAPSHOT_BYTES_RANGE.end()
+        )),
+    }
+}
+
 fn parse_cap(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1 (0 would refuse every connection)".into()),
@@ -329,6 +370,10 @@ pub struct Tuning {
     /// Longest replay from the event log, in events; a longer one is answered with
     /// `resync_required` (`replay_too_long`) instead.
     pub max_replay_rows: i64,
+    /// Open orders a snapshot sends at most.
+    pub snapshot_max_orders: usize,
+    /// Bytes of order frames a snapshot sends at most.
+    pub snapshot_max_bytes: usize,
     /// How long a client may take to send a request's headers, from its first byte (from the
     /// accept for a new connection); see [`crate::http::serve::HEADER_READ_TIMEOUT`].
     pub http_header_timeout: Duration,
@@ -385,6 +430,8 @@ impl Default for Tuning {
             max_connections: crate::http::limits::MAX_CONNECTIONS,
             max_connections_per_key: crate::http::limits::MAX_CONNECTIONS_PER_KEY,
             max_connections_per_tenant: crate::http::limits::MAX_CONNECTIONS_PER_TENANT,
+            snapshot_max_orders: SNAPSHOT_MAX_ORDERS,
+            snapshot_max_bytes: SNAPSHOT_MAX_BYTES,
         }
     }
 }

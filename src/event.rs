@@ -13,6 +13,35 @@ pub use fit::TooLarge;
 /// 1 MiB holds an order with hundreds of items and long notes many times over.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// Longest event type name (docs/protocol.md).
+pub const MAX_TYPE_LEN: usize = 64;
+
+/// An event type name: 1..64 letters, digits, `_`, `.` or `-` (what `/broadcast` accepts, and
+/// what a socket may ask for with `?types=`).
+pub fn is_valid_type(s: &str) -> bool {
+    (1..=MAX_TYPE_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// `{"type":"ready","tenant":…,"id":N}`: the socket has caught up; `id` is its position (the
+/// last id sent or, for a socket that asked for some types only, considered).
+pub fn ready(tenant: &str, id: i64) -> String {
+    let mut out = String::from(r#"{"type":"ready","tenant":"#);
+    push_json_str(&mut out, tenant);
+    out.push_str(&format!(r#","id":{id}}}"#));
+    out
+}
+
+/// `{"type":"snapshot_end",…,"id":N,"complete":…}`: the open orders of a snapshot consistent
+/// with id N were all sent (`complete`), or the snapshot's bounds cut them short.
+pub fn snapshot_end(tenant: &str, id: i64, complete: bool) -> String {
+    let mut out = String::from(r#"{"type":"snapshot_end","tenant":"#);
+    push_json_str(&mut out, tenant);
+    out.push_str(&format!(r#","id":{id},"complete":{complete}}}"#));
+    out
+}
+
 /// Why a POS is told to refetch its state (`resync_required`'s `data.reason`, docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResyncReason {
@@ -254,6 +283,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn type_names_follow_the_broadcast_rule() {
+        for ok in ["new_order", "a", "order.v2-x", &"x".repeat(64)] {
+            assert!(is_valid_type(ok), "{ok}");
+        }
+        for bad in ["", "new order", "a,b", "é", &"x".repeat(65)] {
+            assert!(!is_valid_type(bad), "{bad}");
+        }
+        assert_eq!(
+            ready("kitchen", 7),
+            r#"{"type":"ready","tenant":"kitchen","id":7}"#
+        );
+        assert_eq!(
+            snapshot_end("kitchen", 7, false),
+            r#"{"type":"snapshot_end","tenant":"kitchen","id":7,"complete":false}"#
+        );
+    }
 
     #[test]
     fn iso_formats_utc_with_millis() {

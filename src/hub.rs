@@ -24,6 +24,8 @@ use crate::socket::{Conn, Kick, Offered, QueueBounds, wire};
 pub struct Frame {
     /// The event's per-tenant id, used to stitch replay and live frames without gaps or repeats.
     pub id: i64,
+    /// The event's type, for sockets that asked for some types only.
+    pub kind: Arc<str>,
     /// The complete WebSocket text frame (header and JSON): server frames are unmasked, so these
     /// bytes are what every socket receives.
     pub wire: Bytes,
@@ -36,9 +38,10 @@ pub struct Frame {
 
 impl Frame {
     /// The frame of an event's JSON text.
-    pub fn event(id: i64, text: &str, emitted_at: SystemTime) -> Self {
+    pub fn event(id: i64, kind: &str, text: &str, emitted_at: SystemTime) -> Self {
         Self {
             id,
+            kind: Arc::from(kind),
             wire: wire::text_frame(text.as_bytes()),
             emitted_at,
             rewind: false,
@@ -187,6 +190,18 @@ impl Tenant {
     }
 }
 
+/// What a new socket learns when it joins: how to catch up, and the tenant's position then.
+#[derive(Debug)]
+pub struct Joined {
+    /// The socket's registration.
+    pub sub: Subscription,
+    /// How it catches up to its `since`.
+    pub replay: Replay,
+    /// The last id published to the tenant when it joined (`None`: not known here): a socket
+    /// without `since` is caught up to it, and everything after it is offered to the socket.
+    pub position: Option<i64>,
+}
+
 /// How a new socket catches up to `since`.
 #[derive(Debug)]
 pub enum Replay {
@@ -285,20 +300,20 @@ impl Hub {
         since: Option<i64>,
         tenant_since: Option<SystemTime>,
         conn: Arc<Conn>,
-    ) -> (Subscription, Replay) {
+    ) -> Joined {
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
         let entry = Client {
             conn: Arc::clone(&conn),
             key_id: Arc::from(key_id),
             drain: DrainWatch::default(),
         };
-        let replay = {
+        let (replay, position) = {
             let mut map = lock(&self.tenants);
             let mut t = lock(map.entry(Arc::clone(tenant)).or_default());
             t.clients.insert(client, entry);
             t.changed();
             let retained = SystemTime::now().checked_sub(self.retention);
-            t.replay_after(since, retained.max(tenant_since))
+            (t.replay_after(since, retained.max(tenant_since)), t.last_id)
         };
         let sub = Subscription {
             conn,
@@ -306,7 +321,11 @@ impl Hub {
             tenant: Arc::clone(tenant),
             client,
         };
-        (sub, replay)
+        Joined {
+            sub,
+            replay,
+            position,
+        }
     }
 
     /// Sets a tenant's starting point and recent history (frames contiguous, ending at
@@ -349,10 +368,13 @@ impl Hub {
         );
         let frame = Frame {
             rewind: true,
-            ..Frame::event(to_id, &text, SystemTime::now())
+            ..Frame::event(to_id, "resync_required", &text, SystemTime::now())
         };
         for c in t.clients.values() {
-            if c.conn.offer(frame.id, &frame.wire, true, self.bounds) == Offered::TooSlow {
+            if c.conn
+                .offer(frame.id, &frame.kind, &frame.wire, true, self.bounds)
+                == Offered::TooSlow
+            {
                 c.conn.fire(Kick::SlowConsumer);
             }
         }
@@ -490,11 +512,13 @@ impl Hub {
 fn offer_all(conns: &[Arc<Conn>], frame: &Frame, bounds: QueueBounds) -> Delivery {
     let mut delivery = Delivery::default();
     for conn in conns {
-        match conn.offer(frame.id, &frame.wire, frame.rewind, bounds) {
+        match conn.offer(frame.id, &frame.kind, &frame.wire, frame.rewind, bounds) {
             Offered::Written => {
                 delivery.sent += 1;
                 delivery.direct += 1;
             }
+            // Considered, not for this socket (it asked for other types).
+            Offered::Skipped => {}
             Offered::Queued => delivery.sent += 1,
             Offered::TooSlow => {
                 conn.fire(Kick::SlowConsumer);
@@ -588,11 +612,11 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Conn::new(server, Arc::new(NullLog)), peer)
+        (Conn::new(server, Arc::new(NullLog), None), peer)
     }
 
     fn frame(id: i64, text: &str) -> Frame {
-        Frame::event(id, text, SystemTime::now())
+        Frame::event(id, "x", text, SystemTime::now())
     }
 
     fn ids(r: Replay) -> Option<Vec<i64>> {
@@ -612,7 +636,8 @@ mod tests {
     ) -> (Subscription, Replay) {
         let (conn, peer) = pair().await;
         peers.push(peer);
-        hub.subscribe(tenant, key, since, None, conn)
+        let joined = hub.subscribe(tenant, key, since, None, conn);
+        (joined.sub, joined.replay)
     }
 
     #[tokio::test]
@@ -727,8 +752,9 @@ mod tests {
         let (conn, peer) = pair().await;
         p.push(peer);
         let created = Some(SystemTime::now() + Duration::from_secs(1));
-        let (_s, r) = hub.subscribe(&t, "k", Some(1), created, conn);
-        assert_eq!(ids(r), None);
+        let joined = hub.subscribe(&t, "k", Some(1), created, conn);
+        assert_eq!(ids(joined.replay), None);
+        assert_eq!(joined.position, Some(2));
     }
 
     #[tokio::test]

@@ -527,7 +527,7 @@ impl Listener {
                 .duration_since(event.emitted_at)
                 .unwrap_or_default(),
         );
-        let frame = Frame::event(event.id, &event.to_frame(), event.emitted_at);
+        let frame = Frame::event(event.id, &event.kind, &event.to_frame(), event.emitted_at);
         let delivery = self.hub.publish(&event.tenant, &frame).await;
         let here = delivery.sent + delivery.failed;
         // Another instance's terminal counts as delivered; without a fresh presence view

@@ -64,6 +64,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     max_connections: args.max_connections,
                     max_connections_per_key: args.max_connections_per_key,
                     max_connections_per_tenant: args.max_connections_per_tenant,
+                    snapshot_max_orders: args.snapshot_max_orders,
+                    snapshot_max_bytes: args.snapshot_max_bytes,
                     ..Tuning::default()
                 },
             };
@@ -146,6 +148,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 tenant: args.tenant,
                 key: args.key,
                 since: args.since,
+                snapshot: args.snapshot,
+                types: args.types,
+                ack: args.ack,
             };
             orderpush::tail::run(options, print_event, shutdown).await?;
         }

@@ -141,6 +141,8 @@ pub struct Metrics {
     pub resumes_from_memory: AtomicU64,
     /// Resumes (`?since=`) that had to read the event log.
     pub resumes_from_database: AtomicU64,
+    /// Snapshots of open orders sent (`?snapshot=open`).
+    pub snapshots: AtomicU64,
     /// `resync_required` frames a socket sent because its `since` could not be honoured, by
     /// reason (see [`Metrics::resync`]).
     resyncs: [AtomicU64; 6],
@@ -292,7 +294,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 21] = [
+        let counters: [(&str, &str, f64); 22] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -327,6 +329,11 @@ impl Metrics {
                 "orderpush_resumes_from_memory_total",
                 "Resumes with ?since= served from memory.",
                 load(&self.resumes_from_memory),
+            ),
+            (
+                "orderpush_snapshots_total",
+                "Snapshots of open orders sent for ?snapshot=open.",
+                load(&self.snapshots),
             ),
             (
                 "orderpush_resumes_from_database_total",

@@ -508,6 +508,16 @@ fn number(
         if origin == "broadcast" {
             batch.requests.push((p.row.gid, *next));
         }
+        if kind == "new_order" {
+            let (order_id, number) = p
+                .columns
+                .as_ref()
+                .map(|c| render::order_ref(&rules.fields, c))
+                .unwrap_or_default();
+            batch
+                .orders
+                .push((tenant.to_owned(), *next, order_id, number));
+        }
         batch.events.push(NewEvent {
             tenant: tenant.to_owned(),
             id: *next,

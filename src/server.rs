@@ -112,7 +112,7 @@ pub async fn run(
         let recent = events::recent(&**client, RECENT_FRAMES as i64, PRELOAD_WINDOW).await?;
         let mut by_tenant: HashMap<String, Vec<Frame>> = HashMap::new();
         for e in recent {
-            let frame = Frame::event(e.id, &e.to_frame(), e.emitted_at);
+            let frame = Frame::event(e.id, &e.kind, &e.to_frame(), e.emitted_at);
             by_tenant
                 .entry(e.tenant.to_string())
                 .or_default()

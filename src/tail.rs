@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -44,6 +44,13 @@ pub struct Options {
     pub key: String,
     /// Resume after this id; None starts with live events only.
     pub since: Option<i64>,
+    /// Ask for the open orders (`?snapshot=open`) where the server would otherwise answer
+    /// `resync_required`, and when starting without `since`.
+    pub snapshot: bool,
+    /// Only these event types (`?types=`); `None`: all.
+    pub types: Option<Vec<String>>,
+    /// Acknowledge each event once it is printed (`{"type":"ack","id":N}`).
+    pub ack: bool,
 }
 
 /// Why tailing stopped for good (every other failure is retried).
@@ -81,8 +88,19 @@ pub enum TailError {
     Output(#[from] std::io::Error),
 }
 
+/// What one connection attempt asks for besides the tenant.
+#[derive(Debug, Clone, Default)]
+pub struct Query<'a> {
+    /// Resume after this id.
+    pub since: Option<i64>,
+    /// `snapshot=open`.
+    pub snapshot: bool,
+    /// `types=a,b`.
+    pub types: Option<&'a [String]>,
+}
+
 /// Builds the WebSocket URL for one connection attempt.
-pub fn endpoint(base: &str, tenant: &str, since: Option<i64>) -> Result<String, TailError> {
+pub fn endpoint(base: &str, tenant: &str, query: &Query<'_>) -> Result<String, TailError> {
     let base = base.trim();
     let rest = if let Some(r) = base.strip_prefix("ws://") {
         r
@@ -116,9 +134,25 @@ pub fn endpoint(base: &str, tenant: &str, since: Option<i64>) -> Result<String, 
             )));
         }
     };
-    Ok(match since {
-        Some(s) => format!("ws://{authority}{path}?since={s}"),
-        None => format!("ws://{authority}{path}"),
+    let mut params = Vec::new();
+    if let Some(s) = query.since {
+        params.push(format!("since={s}"));
+    }
+    if query.snapshot {
+        params.push("snapshot=open".to_owned());
+    }
+    if let Some(types) = query.types {
+        if types.is_empty() || !types.iter().all(|t| crate::event::is_valid_type(t)) {
+            return Err(TailError::Invalid(
+                "--types must be event types of 1..64 letters, digits, '_', '.' or '-', separated by commas".into(),
+            ));
+        }
+        params.push(format!("types={}", types.join(",")));
+    }
+    Ok(if params.is_empty() {
+        format!("ws://{authority}{path}")
+    } else {
+        format!("ws://{authority}{path}?{}", params.join("&"))
     })
 }
 
@@ -155,11 +189,16 @@ pub async fn run(
     if options.since.is_some_and(|s| s < 0) {
         return Err(TailError::Invalid("--since must be 0 or more".into()));
     }
-    endpoint(&options.url, &options.tenant, None)?;
+    let query = |since| Query {
+        since,
+        snapshot: options.snapshot,
+        types: options.types.as_deref(),
+    };
+    endpoint(&options.url, &options.tenant, &query(None))?;
     let mut since = options.since;
     let mut backoff = BACKOFF_FIRST;
     loop {
-        let url = endpoint(&options.url, &options.tenant, since)?;
+        let url = endpoint(&options.url, &options.tenant, &query(since))?;
         let started = Instant::now();
         let mut delivered = false;
         let ended = session(
@@ -247,12 +286,31 @@ async fn session(
             Message::Text(text) => {
                 let value = serde_json::from_str::<Value>(&text)
                     .unwrap_or_else(|_| Value::String(text.to_string()));
-                if let Some(id) = value.get("id").and_then(Value::as_i64) {
+                let id = value.get("id").and_then(Value::as_i64);
+                let kind = value
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                // Every frame with an id is a position to resume from (for `ready` and
+                // `snapshot_end` too: a filtered socket's position moves past what it skipped).
+                if let Some(id) = id {
                     *since = Some(id);
                 }
                 *delivered = true;
+                if kind == "ready" {
+                    info!("caught up at id {}", id.unwrap_or(0));
+                    continue;
+                }
                 if let Err(e) = on_event(&value, &text) {
                     return Ended::Fatal(e.into());
+                }
+                // Acknowledged once printed; the snapshot's frames are not events.
+                let is_event = !matches!(kind, "order_snapshot" | "snapshot_end");
+                if let (true, true, Some(id)) = (options.ack, is_event, id) {
+                    let ack = serde_json::json!({"type": "ack", "id": id}).to_string();
+                    if let Err(e) = ws.send(Message::Text(ack.into())).await {
+                        return Ended::Retry(format!("the connection failed: {e}"));
+                    }
                 }
             }
             Message::Close(frame) => {
@@ -393,16 +451,33 @@ mod tests {
     #[test]
     fn endpoint_accepts_a_base_url_and_rejects_others() {
         assert_eq!(
-            endpoint("ws://h:9011", "kitchen", None).unwrap(),
+            endpoint("ws://h:9011", "kitchen", &Query::default()).unwrap(),
             "ws://h:9011/ws/pos/kitchen"
         );
         assert_eq!(
-            endpoint("ws://h:9011/", "kitchen", Some(7)).unwrap(),
+            endpoint(
+                "ws://h:9011/",
+                "kitchen",
+                &Query {
+                    since: Some(7),
+                    ..Query::default()
+                }
+            )
+            .unwrap(),
             "ws://h:9011/ws/pos/kitchen?since=7"
         );
         assert_eq!(
-            endpoint("ws://h:9011/ws/pos/kitchen", "kitchen", Some(0)).unwrap(),
-            "ws://h:9011/ws/pos/kitchen?since=0"
+            endpoint(
+                "ws://h:9011/ws/pos/kitchen",
+                "kitchen",
+                &Query {
+                    since: Some(0),
+                    snapshot: true,
+                    types: Some(&["new_order".to_owned(), "x.y".to_owned()]),
+                }
+            )
+            .unwrap(),
+            "ws://h:9011/ws/pos/kitchen?since=0&snapshot=open&types=new_order,x.y"
         );
         for bad in [
             "http://h:9011",
@@ -412,7 +487,10 @@ mod tests {
             "ws://h/ws/pos/bar",
             "ws://h?x=1",
         ] {
-            assert!(endpoint(bad, "kitchen", None).is_err(), "{bad}");
+            assert!(
+                endpoint(bad, "kitchen", &Query::default()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -44,6 +44,7 @@ async fn twenty_slow_replays_leave_broadcast_readyz_and_metrics_answering() {
             let mut ids = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match tokio::time::timeout(WAIT, pos.ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) if is_ready(&t) => {}
                     Ok(Some(Ok(Message::Text(t)))) => {
                         let ev: Value = serde_json::from_str(&t).unwrap();
                         ids.push(ev["id"].as_i64().unwrap());

@@ -14,6 +14,7 @@ mod fanout;
 mod faults;
 mod fuzz;
 mod isolation;
+mod joining;
 mod ops_logs;
 mod presence;
 mod protocol;

@@ -333,6 +333,12 @@ pub async fn prune(client: &impl GenericClient, older_than: Duration) -> Result<
         .await?;
     client
         .execute(
+            "DELETE FROM orderpush.order_acks WHERE numbered_at < now() - $1::float8 * interval '1 second'",
+            &[&secs],
+        )
+        .await?;
+    client
+        .execute(
             "DELETE FROM orderpush.broadcast_requests
              WHERE created_at < now() - $1::float8 * interval '1 second'",
             &[&super::broadcasts::IDEMPOTENCY_WINDOW.as_secs_f64()],

@@ -5,6 +5,7 @@ pub mod events;
 pub mod keys;
 pub mod migrate;
 pub mod sequencer;
+pub mod snapshot;
 pub mod triggers;
 pub mod uninstall;
 

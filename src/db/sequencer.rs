@@ -131,6 +131,9 @@ pub struct Batch {
     pub failures: Vec<(i64, Option<String>, String)>,
     /// Idempotent broadcasts numbered now: (gid, id).
     pub requests: Vec<(i64, i64)>,
+    /// `new_order` events numbered now, for the acknowledgement chain: (tenant, id, order id,
+    /// order number).
+    pub orders: Vec<(String, i64, Option<String>, Option<String>)>,
 }
 
 /// One event to append.
@@ -232,12 +235,19 @@ impl SequencerQueries {
                      answered AS (
                          UPDATE orderpush.broadcast_requests b SET event_id = u.id
                          FROM unnest($16::int8[], $17::int8[]) AS u(gid, id)
-                         WHERE b.gid = u.gid)
+                         WHERE b.gid = u.gid),
+                     orders AS (
+                         INSERT INTO orderpush.order_acks (tenant_slug, event_id, order_id, order_number)
+                         SELECT * FROM unnest($19::text[], $20::int8[], $21::text[], $22::text[]))
                      SELECT batch, pg_notify($18, batch::text) FROM st",
                 )
                 .await?,
             reset: client
-                .prepare("DELETE FROM orderpush.events WHERE tenant_slug = ANY($1::text[])")
+                .prepare(
+                    "WITH acks AS (
+                         DELETE FROM orderpush.order_acks WHERE tenant_slug = ANY($1::text[]))
+                     DELETE FROM orderpush.events WHERE tenant_slug = ANY($1::text[])",
+                )
                 .await?,
         })
     }
@@ -350,7 +360,12 @@ impl SequencerQueries {
         let fail_reasons: Vec<&str> = batch.failures.iter().map(|f| f.2.as_str()).collect();
         let req_gids: Vec<i64> = batch.requests.iter().map(|r| r.0).collect();
         let req_ids: Vec<i64> = batch.requests.iter().map(|r| r.1).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 18] = [
+        let order_tenants: Vec<&str> = batch.orders.iter().map(|o| o.0.as_str()).collect();
+        let order_events: Vec<i64> = batch.orders.iter().map(|o| o.1).collect();
+        let order_ids: Vec<Option<&str>> = batch.orders.iter().map(|o| o.2.as_deref()).collect();
+        let order_numbers: Vec<Option<&str>> =
+            batch.orders.iter().map(|o| o.3.as_deref()).collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 22] = [
             &batch.gids,
             &tenants,
             &ids,
@@ -369,6 +384,10 @@ impl SequencerQueries {
             &req_gids,
             &req_ids,
             &BATCH_CHANNEL,
+            &order_tenants,
+            &order_events,
+            &order_ids,
+            &order_numbers,
         ];
         if batch.resets.is_empty() {
             // The common case: one round trip, one implicit transaction.

@@ -25,8 +25,8 @@ use crate::listener::NumberedWaiters;
 
 /// Contract §4: the body limit.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
-/// Longest `event.type` (contract §4).
-pub const MAX_TYPE_LEN: usize = 64;
+/// Longest `event.type` (docs/protocol.md).
+pub use crate::event::MAX_TYPE_LEN;
 /// Longest `event.timestamp` accepted: an ISO 8601 string is ~30 characters; this leaves room
 /// for any reasonable format while keeping junk out of every frame.
 pub const MAX_TIMESTAMP_LEN: usize = 64;
@@ -175,11 +175,7 @@ fn parse(bytes: &[u8], idempotency_key: Option<String>) -> Result<Broadcast, Err
     let req: Request<'_> = serde_json::from_slice(bytes)
         .map_err(|e| Error::BadRequest(format!("invalid request: {e}")))?;
     let kind = req.event.kind;
-    let valid_type = (1..=MAX_TYPE_LEN).contains(&kind.len())
-        && kind
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if !valid_type {
+    if !crate::event::is_valid_type(&kind) {
         return Err(Error::BadRequest(format!(
             "event.type must be 1..{MAX_TYPE_LEN} characters of letters, digits, '_', '.' or '-'"
         )));

@@ -34,7 +34,8 @@ use crate::event;
 use crate::hub::{Frame, KickReason, Replay};
 use crate::metrics::DisconnectReason;
 use crate::presence::Registration;
-use crate::socket::{Conn, Flush, handshake, wire};
+use crate::sequencer::render;
+use crate::socket::{Conn, Flush, TypeFilter, handshake, wire};
 
 /// The header a POS presents its key in (the legacy Node server's).
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -55,6 +56,9 @@ pub const READ_CHUNK: usize = 512;
 /// client that stops reading fills it quickly and meets the queue's bound (1 MiB), rather than
 /// the kernel's autotuned buffer (up to 4 MiB) hiding a slow client from it.
 pub const SEND_BUFFER: usize = 64 * 1024;
+/// Most event types one socket may ask for with `?types=`: there are four database types and a
+/// handful of the web app's; the bound keeps the per-frame check short.
+pub const MAX_TYPES_ASKED: usize = 32;
 /// Events fetched per replay query: bounds memory for a POS that was away for a long time.
 pub const REPLAY_PAGE: i64 = 500;
 /// Event data fetched per replay query, beyond its first row: 500 typical orders (~1 KB each)
@@ -91,8 +95,57 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
-struct ResumeQuery {
+struct JoinQuery {
     since: Option<String>,
+    snapshot: Option<String>,
+    types: Option<String>,
+}
+
+/// How a socket joins: where it resumes from, whether it wants the open orders instead of
+/// `resync_required`, and which event types it wants.
+struct Join {
+    since: Option<i64>,
+    snapshot: bool,
+    types: Option<TypeFilter>,
+}
+
+impl JoinQuery {
+    /// Checks the query; every problem is a 400 before the upgrade.
+    fn parse(self) -> Result<Join, Error> {
+        let since = match self.since.as_deref() {
+            None => None,
+            Some(s) => Some(s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                Error::BadRequest("since must be a non-negative integer event id".into())
+            })?),
+        };
+        let snapshot = match self.snapshot.as_deref() {
+            None => false,
+            Some("open") => true,
+            Some(_) => {
+                return Err(Error::BadRequest(
+                    "snapshot must be 'open' (the open orders)".into(),
+                ));
+            }
+        };
+        let types = match self.types {
+            None => None,
+            Some(list) => {
+                let types: Vec<String> = list.split(',').map(str::to_owned).collect();
+                if types.len() > MAX_TYPES_ASKED || !types.iter().all(|t| event::is_valid_type(t)) {
+                    return Err(Error::BadRequest(format!(
+                        "types must be 1..{MAX_TYPES_ASKED} comma-separated event types of 1..{} letters, digits, '_', '.' or '-'",
+                        event::MAX_TYPE_LEN
+                    )));
+                }
+                Some(TypeFilter::new(types))
+            }
+        };
+        Ok(Join {
+            since,
+            snapshot,
+            types,
+        })
+    }
 }
 
 async fn upgrade(
@@ -100,7 +153,7 @@ async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     caller: Option<Extension<Caller>>,
     Path(tenant): Path<String>,
-    Query(query): Query<ResumeQuery>,
+    Query(query): Query<JoinQuery>,
     mut request: Request,
 ) -> Result<Response, Error> {
     let caller = caller.map(|Extension(c)| c);
@@ -116,12 +169,7 @@ async fn upgrade(
             return Ok(refusal.into_response());
         }
     };
-    let since = match query.since.as_deref() {
-        None => None,
-        Some(s) => Some(s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            Error::BadRequest("since must be a non-negative integer event id".into())
-        })?),
-    };
+    let join = query.parse()?;
     let switching = match handshake::accept(request.headers(), SUBPROTOCOL) {
         Ok(response) => response,
         Err(e) => return Ok((e.status(), e.to_string()).into_response()),
@@ -155,7 +203,7 @@ async fn upgrade(
         state.clone(),
         slot,
         key,
-        since,
+        join,
         peer,
     )));
     Ok(switching.map(|()| Body::empty()))
@@ -233,7 +281,7 @@ async fn serve_socket(
     // Released (dropped) only after the socket is closed.
     slot: ConnectionSlot,
     key: KeyFacts,
-    since: Option<i64>,
+    join: Join,
     peer: SocketAddr,
 ) {
     let Ok(upgraded) = upgraded.await else {
@@ -254,15 +302,20 @@ async fn serve_socket(
     let (tenant, key_id) = (slot.tenant(), slot.key_id());
     state.metrics.connects.fetch_add(1, Ordering::Relaxed);
     state.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    info!(tenant = %tenant, key_id = %key_id, since, "new WebSocket connection for tenant: {tenant}");
+    let Join {
+        since,
+        snapshot,
+        types,
+    } = join;
+    info!(tenant = %tenant, key_id = %key_id, since, snapshot, "new WebSocket connection for tenant: {tenant}");
     let registration = state.presence.register(tenant, key_id, peer, since);
-    let conn = Conn::new(stream, registration.delivery_log());
+    let conn = Conn::new(stream, registration.delivery_log(), types);
     // Subscribe before replaying: every event is then either in the replay or offered to the
     // connection (queued while it replays).
-    let (sub, replay) =
-        state
-            .hub
-            .subscribe(tenant, key_id, since, key.tenant_since, Arc::clone(&conn));
+    let joined = state
+        .hub
+        .subscribe(tenant, key_id, since, key.tenant_since, Arc::clone(&conn));
+    let sub = joined.sub;
     let reason = if !state.keys.still_valid(key_id, tenant, key.generation) {
         // The key was revoked or moved while this socket was being set up: that change found
         // no socket here to close, so close it now.
@@ -294,7 +347,13 @@ async fn serve_socket(
                 next_ping: now,
             },
         };
-        socket_task.run(since, replay).await
+        let start = Start {
+            since,
+            snapshot,
+            replay: joined.replay,
+            position: joined.position,
+        };
+        socket_task.run(start).await
     };
     drop(sub);
     drop(registration);
@@ -344,6 +403,24 @@ async fn close(conn: &Conn, reason: DisconnectReason) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, written).await;
 }
 
+/// Where a socket starts: its `since`, whether it asked for the open orders, how the hub says it
+/// catches up, and the tenant's position when it joined.
+struct Start {
+    since: Option<i64>,
+    snapshot: bool,
+    replay: Replay,
+    position: Option<i64>,
+}
+
+/// How a catch-up from the log ended.
+enum CatchUp {
+    /// Caught up to this id.
+    Done(i64),
+    /// `since` cannot be honoured for this reason (the client had `since`; the tenant's latest
+    /// id is the second).
+    Resync(event::ResyncReason, i64, i64),
+}
+
 /// Why the task stopped before its socket did.
 enum Stop {
     Ended(DisconnectReason),
@@ -382,8 +459,8 @@ struct Liveness<'a> {
 }
 
 impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
-    async fn run(&mut self, since: Option<i64>, replay: Replay) -> DisconnectReason {
-        match self.catch_up_at_start(since, replay).await {
+    async fn run(&mut self, start: Start) -> DisconnectReason {
+        match self.catch_up_at_start(start).await {
             Ok(last) => self.conn.go_live(last),
             Err(Stop::Ended(reason)) => return reason,
         }
@@ -432,20 +509,19 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         }
     }
 
-    /// The replay that brings a socket from `since` to the live stream; returns the last event
-    /// id written (`None` for a socket that joined without `since`).
-    async fn catch_up_at_start(
-        &mut self,
-        since: Option<i64>,
-        replay: Replay,
-    ) -> Result<Option<i64>, Stop> {
-        let Some(since) = since else {
-            return Ok(None);
-        };
-        match replay {
+    /// Brings a socket from `since` to the live stream (a replay, the open orders, or
+    /// `resync_required`), then tells it so with `ready`. Returns its position: the last event
+    /// id written or considered (`None` for a socket that joined without `since`, when this
+    /// instance knows nothing of the tenant yet).
+    async fn catch_up_at_start(&mut self, start: Start) -> Result<Option<i64>, Stop> {
+        let last = match (start.since, start.replay) {
+            (None, _) if start.snapshot => Some(self.snapshot(None).await?),
+            (None, _) => start.position,
             // Memory never replays more than the log would (it holds 64 frames; only a
             // shortened limit, as in tests, can be smaller).
-            Replay::Frames(frames) if frames.len() as i64 <= self.state.tuning.max_replay_rows => {
+            (Some(since), Replay::Frames(frames))
+                if frames.len() as i64 <= self.state.tuning.max_replay_rows =>
+            {
                 // Served from the hub's memory: no database query on the reconnect path.
                 self.state
                     .metrics
@@ -453,20 +529,93 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                     .fetch_add(1, Ordering::Relaxed);
                 let mut last = since;
                 for frame in frames {
-                    self.write_event(frame.id, &frame.wire, true).await?;
+                    self.replay_event(frame.id, &frame.kind, &frame.wire)
+                        .await?;
                     last = frame.id;
                 }
-                Ok(Some(last))
+                Some(last)
             }
-            _ => {
+            (Some(since), _) => {
                 self.state
                     .metrics
                     .resumes_from_database
                     .fetch_add(1, Ordering::Relaxed);
                 // Boxed: the database replay's futures are large and rarely needed.
-                Box::pin(self.catch_up(since)).await.map(Some)
+                match Box::pin(self.catch_up(since)).await? {
+                    CatchUp::Done(last) => Some(last),
+                    // Where the POS would be told to refetch, it asked for the open orders.
+                    CatchUp::Resync(reason, since, head) if start.snapshot => {
+                        Some(self.snapshot(Some((reason, since, head))).await?)
+                    }
+                    CatchUp::Resync(reason, since, head) => {
+                        Some(self.resync(reason, since, head).await?)
+                    }
+                }
             }
+        };
+        let ready = event::ready(self.tenant, last.unwrap_or(0));
+        self.write_frame(&wire::text_frame(ready.as_bytes()))
+            .await?;
+        Ok(last)
+    }
+
+    /// Sends the tenant's open orders as `order_snapshot` frames, all with the id N they are
+    /// consistent with, then `snapshot_end`; returns N: live events follow from there. Read in
+    /// one REPEATABLE READ transaction on a replay connection, released before anything is
+    /// sent. A snapshot the database cannot give (a column it needs renamed) falls back to
+    /// `resync_required` (`instead`, or reason `retention` for a socket without `since`).
+    async fn snapshot(
+        &mut self,
+        instead: Option<(event::ResyncReason, i64, i64)>,
+    ) -> Result<i64, Stop> {
+        let tenant = Arc::clone(self.tenant);
+        let tuning = &self.state.tuning;
+        let (max_orders, max_bytes) = (tuning.snapshot_max_orders, tuning.snapshot_max_bytes);
+        let limit = i64::try_from(max_orders).unwrap_or(i64::MAX - 1) + 1;
+        let read = self
+            .read_log_or_fail(async |c| crate::db::snapshot::open_orders(c, &tenant, limit).await)
+            .await?;
+        let open = match read {
+            Ok(open) => open,
+            Err(e) => {
+                warn!(error = %e, tenant = %self.tenant, "the open orders could not be read; sending resync_required instead");
+                let (reason, since, head) =
+                    instead.unwrap_or((event::ResyncReason::Retention, 0, 0));
+                return self.resync(reason, since, head).await;
+            }
+        };
+        let fields = render::FieldMap::new(open.columns);
+        let now = event::iso_now();
+        let (mut sent, mut bytes) = (0usize, 0usize);
+        let mut complete = open.orders.len() <= max_orders;
+        for (row, items) in open.orders.iter().take(max_orders) {
+            let (Some(row), Ok(items)) = (
+                render::columns(row),
+                serde_json::from_str::<Vec<render::Columns<'_>>>(items),
+            ) else {
+                continue;
+            };
+            let data = render::new_order(&fields, &row, &items);
+            let Ok((data, truncated)) = event::fit_data("order_snapshot", &tenant, &now, data)
+            else {
+                continue;
+            };
+            let text =
+                event::envelope("order_snapshot", &tenant, &now, &data, open.head, truncated);
+            if bytes + text.len() > max_bytes {
+                complete = false;
+                break;
+            }
+            bytes += text.len();
+            self.write_frame(&wire::text_frame(text.as_bytes())).await?;
+            sent += 1;
         }
+        let end = event::snapshot_end(&tenant, open.head, complete);
+        self.write_frame(&wire::text_frame(end.as_bytes())).await?;
+        self.conn.wrote(open.head);
+        self.state.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        debug!(tenant = %tenant, orders = sent, complete, id = open.head, "snapshot sent");
+        Ok(open.head)
     }
 
     /// Writes what is queued until the socket takes no more; decides on the events the
@@ -488,23 +637,32 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                     if rewind {
                         // The log went backwards: a socket that was sent more than it now holds
                         // is told so, and continues from the lower id.
-                        if last.is_some_and(|last| last > id) {
+                        if let Some(frame) = frame.filter(|_| last.is_some_and(|last| last > id)) {
                             self.write_frame(&frame).await?;
                         }
                         self.conn.go_live(Some(id));
-                    } else {
-                        // A hole before this event (pruned before the listener read it): fill
-                        // it from the log, or tell the POS to resync; never skip silently.
-                        let mut last = match last {
-                            Some(last) => Box::pin(self.catch_up(last)).await?,
-                            None => id - 1,
-                        };
-                        if id > last {
-                            self.write_event(id, &frame, false).await?;
-                            last = id;
-                        }
-                        self.conn.go_live(Some(last));
+                        continue;
                     }
+                    // A hole before this event (pruned before the listener read it): fill it
+                    // from the log, or tell the POS to resync; never skip silently.
+                    let mut last = match last {
+                        Some(last) => match Box::pin(self.catch_up(last)).await? {
+                            CatchUp::Done(last) => last,
+                            CatchUp::Resync(reason, since, head) => {
+                                self.resync(reason, since, head).await?
+                            }
+                        },
+                        None => id - 1,
+                    };
+                    if id > last {
+                        match frame {
+                            Some(frame) => self.write_event(id, &frame, false).await?,
+                            // A type this socket did not ask for: only its position moves.
+                            None => self.conn.wrote(id),
+                        }
+                        last = id;
+                    }
+                    self.conn.go_live(Some(last));
                 }
             }
         }
@@ -592,12 +750,22 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         Ok(())
     }
 
+    /// A replayed event: written when the socket wants its type, else only its position moves.
+    async fn replay_event(&mut self, id: i64, kind: &str, frame: &Bytes) -> Result<(), Stop> {
+        if self.conn.wants(kind) {
+            self.write_event(id, frame, true).await
+        } else {
+            self.conn.wrote(id);
+            Ok(())
+        }
+    }
+
     /// Sends every retained event with `id > since`, in order, and returns the last id the
     /// client now has. The log is read a page at a time on a replay connection (at most half
     /// the pool), which goes back to the pool before the page is written to the socket. When
     /// `since` cannot be honoured ([`resume_plan`]), or rows vanish under the replay (pruned
     /// meanwhile), sends `resync_required` instead and returns the tenant's latest id.
-    async fn catch_up(&mut self, since: i64) -> Result<i64, Stop> {
+    async fn catch_up(&mut self, since: i64) -> Result<CatchUp, Stop> {
         let tenant = Arc::clone(self.tenant);
         let max_rows = self.state.tuning.max_replay_rows;
         let (head, first_page) = self
@@ -616,23 +784,21 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
             .await?;
         let mut page = match first_page {
             Ok(page) => page,
-            Err(reason) => return self.resync(reason, since, head).await,
+            Err(reason) => return Ok(CatchUp::Resync(reason, since, head)),
         };
         let mut last = since;
         while last < head {
             // Every id up to the head is committed, and retention deletes only a prefix: a
             // missing row means it was pruned since the replay began.
             if page.first().is_none_or(|e| e.id != last + 1) {
-                return self
-                    .resync(event::ResyncReason::Retention, last, head)
-                    .await;
+                return Ok(CatchUp::Resync(event::ResyncReason::Retention, last, head));
             }
             for e in std::mem::take(&mut page) {
                 if e.id != last + 1 {
                     break;
                 }
-                let frame = Frame::event(e.id, &e.to_frame(), e.emitted_at);
-                self.write_event(e.id, &frame.wire, true).await?;
+                let frame = Frame::event(e.id, &e.kind, &e.to_frame(), e.emitted_at);
+                self.replay_event(e.id, &frame.kind, &frame.wire).await?;
                 last = e.id;
             }
             if last < head {
@@ -644,7 +810,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                     .await?;
             }
         }
-        Ok(last)
+        Ok(CatchUp::Done(last))
     }
 
     /// Runs one read of the event log on a replay connection, giving up as soon as the socket
@@ -665,6 +831,34 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
             tracing::warn!(error = %e, tenant = %self.tenant, "replay failed");
             Stop::Ended(DisconnectReason::ServerError)
         })
+    }
+
+    /// As [`SocketTask::read_log`], but a query the database refused (not a lost connection) is
+    /// handed back for the caller to fall back from.
+    async fn read_log_or_fail<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, crate::db::DbError>,
+    ) -> Result<Result<T, crate::db::DbError>, Stop> {
+        let read = self
+            .state
+            .replays
+            .run(REPLAY_QUERY_TIMEOUT, async |c| Ok(work(c).await));
+        let result = tokio::select! {
+            biased;
+            _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
+            _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.conn))),
+            r = read => r,
+        };
+        match result {
+            Ok(Ok(value)) => Ok(Ok(value)),
+            Ok(Err(crate::db::DbError::Postgres(e))) if e.as_db_error().is_some() => {
+                Ok(Err(crate::db::DbError::Postgres(e)))
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, tenant = %self.tenant, "reading the log failed");
+                Err(Stop::Ended(DisconnectReason::ServerError))
+            }
+        }
     }
 
     /// Sends `resync_required` (the client has `since`; the tenant's latest id is `head`) and

@@ -167,6 +167,19 @@ pub fn new_order(map: &FieldMap, order: &Columns<'_>, items: &[Columns<'_>]) -> 
         .end()
 }
 
+/// An order's id and number as text, for the acknowledgement chain (`orderpush.order_acks`).
+pub fn order_ref(map: &FieldMap, order: &Columns<'_>) -> (Option<String>, Option<String>) {
+    let text_of = |field, default| {
+        order
+            .get(map.column("new_order", field, default))
+            .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()))
+    };
+    (
+        text_of("orderId", "id"),
+        text_of("orderNumber", "order_number"),
+    )
+}
+
 /// `order_updated` data from the row after the change and the status/updated_at before it.
 /// `updatedAt` is the row's `updated_at` when the write changed it, else the writer's
 /// transaction time (`staged_at`): the app may not maintain `updated_at`.

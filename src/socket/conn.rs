@@ -45,11 +45,33 @@ pub struct QueueBounds {
     pub frames: usize,
 }
 
+/// The event types a socket asked for (`?types=`), plus the frames every socket gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeFilter(Box<[Box<str>]>);
+
+impl TypeFilter {
+    /// Types that pass every filter: what a POS must see whatever it asked for.
+    pub const ALWAYS: [&'static str; 4] =
+        ["resync_required", "ready", "snapshot_end", "order_snapshot"];
+
+    /// A filter letting these types through.
+    pub fn new(types: impl IntoIterator<Item = String>) -> Self {
+        Self(types.into_iter().map(String::into_boxed_str).collect())
+    }
+
+    /// Whether a frame of this type is sent.
+    pub fn passes(&self, kind: &str) -> bool {
+        Self::ALWAYS.contains(&kind) || self.0.iter().any(|t| &**t == kind)
+    }
+}
+
 /// What became of a frame offered to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offered {
     /// Written to the socket in full, directly.
     Written,
+    /// Not for this socket (a type it did not ask for); it moves the socket's position.
+    Skipped,
     /// Queued (or partly written): the socket's task writes the rest.
     Queued,
     /// The queue is full: the connection must be kicked as a slow consumer.
@@ -70,8 +92,8 @@ pub enum Flush {
     Decide {
         /// The event's id.
         id: i64,
-        /// Its frame.
-        frame: Bytes,
+        /// Its frame; `None` for an event of a type the socket did not ask for.
+        frame: Option<Bytes>,
         /// A `resync_required` (`log_rewound`) telling the socket to go back to `id`.
         rewind: bool,
     },
@@ -82,6 +104,8 @@ pub enum Flush {
 #[derive(Debug)]
 enum What {
     Event(i64),
+    /// An event the socket did not ask for: it only moves the position (no bytes).
+    Skip(i64),
     Rewind(i64),
     Control,
 }
@@ -124,6 +148,8 @@ pub struct Conn {
     /// The task waits for the socket to take queued bytes.
     waiting: AtomicBool,
     log: Arc<dyn DeliveryLog>,
+    /// The types the socket asked for; `None`: all.
+    types: Option<TypeFilter>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -135,8 +161,13 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// A connection over an upgraded socket, reporting what it writes to `log`.
-    pub fn new(stream: TcpStream, log: Arc<dyn DeliveryLog>) -> Arc<Self> {
+    /// A connection over an upgraded socket, reporting what it writes to `log`, sending only the
+    /// event types in `types` (all when `None`).
+    pub fn new(
+        stream: TcpStream,
+        log: Arc<dyn DeliveryLog>,
+        types: Option<TypeFilter>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             stream,
             out: Mutex::default(),
@@ -146,6 +177,7 @@ impl Conn {
             writes: AtomicU32::new(0),
             waiting: AtomicBool::new(false),
             log,
+            types,
         })
     }
 
@@ -153,9 +185,23 @@ impl Conn {
         self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether this socket is sent frames of type `kind`.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.passes(kind))
+    }
+
     /// Offers an event frame from the fan-out: written at once when the socket is live, nothing
-    /// is queued and the kernel has room; queued (within `bounds`) otherwise.
-    pub fn offer(&self, id: i64, frame: &Bytes, rewind: bool, bounds: QueueBounds) -> Offered {
+    /// is queued and the kernel has room; queued (within `bounds`) otherwise. An event of a type
+    /// the socket did not ask for is not sent, but moves its position, so the next one is not
+    /// taken for a gap.
+    pub fn offer(
+        &self,
+        id: i64,
+        kind: &str,
+        frame: &Bytes,
+        rewind: bool,
+        bounds: QueueBounds,
+    ) -> Offered {
         if self.kick_reason().is_some() {
             return Offered::Gone;
         }
@@ -164,6 +210,21 @@ impl Conn {
             return Offered::Gone;
         }
         let in_order = out.last_id.is_none_or(|last| id == last + 1);
+        if !rewind && !self.wants(kind) {
+            if out.direct && in_order {
+                out.last_id = Some(id);
+            } else {
+                // Behind queued frames, or after a gap: its place in the order is kept.
+                out.direct = false;
+                out.queue.push_back(Pending {
+                    bytes: Bytes::new(),
+                    what: What::Skip(id),
+                });
+                drop(out);
+                self.wake.notify_one();
+            }
+            return Offered::Skipped;
+        }
         if out.direct && !rewind && in_order {
             debug_assert!(out.queue.is_empty());
             match self.stream.try_write(frame) {
@@ -256,33 +317,34 @@ impl Conn {
             };
             if out.head_written == 0 {
                 match front.what {
-                    What::Event(id) if out.last_id.is_some_and(|last| id <= last) => {
+                    What::Event(id) | What::Skip(id)
+                        if out.last_id.is_some_and(|last| id <= last) =>
+                    {
                         // Already sent (by the replay, at the seam).
                         let p = out.queue.pop_front().expect("front exists");
                         out.queued_bytes -= p.bytes.len();
                         continue;
                     }
+                    What::Skip(id) if out.last_id.is_none_or(|last| id == last + 1) => {
+                        out.last_id = Some(id);
+                        out.queue.pop_front();
+                        continue;
+                    }
                     What::Event(id) if out.last_id.is_none_or(|last| id == last + 1) => {
                         out.last_id = Some(id);
                     }
-                    What::Event(_) | What::Rewind(_) => {
+                    What::Event(_) | What::Skip(_) | What::Rewind(_) => {
                         let p = out.queue.pop_front().expect("front exists");
                         out.queued_bytes -= p.bytes.len();
                         out.live = false;
                         out.direct = false;
-                        let (id, rewind) = match p.what {
-                            What::Rewind(id) => (id, true),
-                            What::Event(id) => (id, false),
+                        let (id, frame, rewind) = match p.what {
+                            What::Rewind(id) => (id, Some(p.bytes), true),
+                            What::Event(id) => (id, Some(p.bytes), false),
+                            What::Skip(id) => (id, None, false),
                             What::Control => unreachable!("matched above"),
                         };
-                        return (
-                            Flush::Decide {
-                                id,
-                                frame: p.bytes,
-                                rewind,
-                            },
-                            events,
-                        );
+                        return (Flush::Decide { id, frame, rewind }, events);
                     }
                     What::Control => {}
                 }

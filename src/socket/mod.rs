@@ -11,4 +11,4 @@ pub mod conn;
 pub mod handshake;
 pub mod wire;
 
-pub use conn::{Conn, DeliveryLog, Flush, Kick, Offered, QueueBounds};
+pub use conn::{Conn, DeliveryLog, Flush, Kick, Offered, QueueBounds, TypeFilter};

@@ -342,8 +342,21 @@ impl Pos {
             .map(|t| serde_json::from_str(&t).expect("frame is JSON"))
     }
 
-    /// The next text frame as sent, within `d`, or None.
+    /// The next text frame as sent, within `d`, or None; `ready` (the control frame that says
+    /// the socket caught up, sent once per connection) is skipped: see [`Pos::next_frame_within`].
     pub async fn next_raw_within(&mut self, d: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let text = self.next_frame_within(remaining).await?;
+            if !is_ready(&text) {
+                return Some(text);
+            }
+        }
+    }
+
+    /// The next text frame as sent, `ready` included, within `d`, or None.
+    pub async fn next_frame_within(&mut self, d: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + d;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())
@@ -648,6 +661,11 @@ pub async fn connect_small_buffer(server: &TestServer, path: &str, key: &str, rc
     Pos { ws }
 }
 
+/// True for the `ready` control frame (docs/protocol.md): not an event.
+pub fn is_ready(frame: &str) -> bool {
+    frame.starts_with(r#"{"type":"ready","#)
+}
+
 /// Reads a POS socket on a task of its own, keeping every event frame, so a test can write
 /// for a while and check what arrived afterwards (without the socket's queue overflowing).
 pub struct Collector {
@@ -663,6 +681,7 @@ impl Collector {
         let task = tokio::spawn(async move {
             loop {
                 match pos.ws.next().await {
+                    Some(Ok(Message::Text(t))) if is_ready(&t) => {}
                     Some(Ok(Message::Text(t))) => sink
                         .lock()
                         .unwrap()
