@@ -23,6 +23,7 @@ mod resilience;
 mod restart;
 mod resume;
 mod security;
+mod soak;
 mod status_page;
 mod tail;
 mod websocket;
