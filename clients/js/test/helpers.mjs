@@ -234,10 +234,14 @@ export class Recorder {
     return this.frames.filter((f) => f.type !== 'ready' && f.type !== 'snapshot_end');
   }
 
-  /** Waits until `n` frames of `type` (any when omitted) arrived; returns them. */
+  /**
+   * Waits until `n` frames of `type` arrived or, without a type, `n` events (control frames
+   * left out: a server that sends `ready` must not satisfy a wait for an event); returns them.
+   */
   async nFrames(n, type) {
-    return waitFor(`${n} ${type ?? ''} frames (have ${JSON.stringify(this.frames.map((f) => [f.type, f.id]))})`, () => {
-      const got = this.frames.filter((f) => type === undefined || f.type === type);
+    const pick = () => (type === undefined ? this.events() : this.frames.filter((f) => f.type === type));
+    return waitFor(`${n} ${type ?? 'events'} (have ${JSON.stringify(this.frames.map((f) => [f.type, f.id]))})`, () => {
+      const got = pick();
       return got.length >= n ? got : undefined;
     });
   }
