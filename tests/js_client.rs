@@ -47,7 +47,22 @@ fn missing_prerequisite(dir: &Path) -> Option<String> {
             ));
         }
     }
+    // A build older than the sources would test yesterday's client.
+    let built = modified(&dir.join("dist/esm/index.js"));
+    let sources = std::fs::read_dir(dir.join("src")).expect("clients/js/src");
+    if sources
+        .flatten()
+        .any(|entry| modified(&entry.path()) > built)
+    {
+        return Some("clients/js/dist is older than src: npm run build --prefix clients/js".into());
+    }
     None
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .expect("a file's modification time")
 }
 
 /// Reads a pipe to its end on a thread of its own (so neither pipe can fill up and stall the
