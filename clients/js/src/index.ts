@@ -1,0 +1,77 @@
+// orderpush-client: receive a tenant's order events from orderpush, typed, resumed, in order.
+
+export {
+  OrderpushClient,
+  SILENCE_TIMEOUT_MS,
+  STABLE_AFTER_MS,
+  CLOSE_TIMEOUT_MS,
+  MAX_QUEUED_FRAMES,
+  MAX_QUEUED_BYTES,
+  type OrderpushClientOptions,
+  type ClientState,
+  type ClientEventMap,
+  type FrameEventName,
+  type Listener,
+  type OpenInfo,
+  type CloseInfo,
+  type ReconnectInfo,
+} from './client.js';
+export { OrderpushError, fatalStatus, type ErrorKind, type StopInfo, type StopReason } from './errors.js';
+export {
+  KNOWN_TYPES,
+  isKnownFrame,
+  isControlFrame,
+  parseFrame,
+  type Addon,
+  type OrderItem,
+  type NewOrderData,
+  type OrderSnapshotData,
+  type OrderUpdatedData,
+  type GiftCardPurchasedData,
+  type LoyaltyUpdatedData,
+  type ResyncReason,
+  type ResyncRequiredData,
+  type Envelope,
+  type NewOrderEvent,
+  type OrderUpdatedEvent,
+  type GiftCardPurchasedEvent,
+  type LoyaltyUpdatedEvent,
+  type OrderSnapshotEvent,
+  type ResyncRequiredEvent,
+  type BroadcastEvent,
+  type ReadyFrame,
+  type SnapshotEndFrame,
+  type DatabaseEvent,
+  type KnownFrame,
+  type ServerFrame,
+  type ParsedFrame,
+} from './frames.js';
+export { Position } from './position.js';
+export {
+  Backoff,
+  parseRetryAfter,
+  retryDelay,
+  DEFAULT_INITIAL_DELAY_MS,
+  DEFAULT_MAX_DELAY_MS,
+  MAX_RETRY_AFTER_MS,
+  RETRY_AFTER_JITTER_MS,
+  type BackoffOptions,
+} from './backoff.js';
+export {
+  buildUrl,
+  validateTypes,
+  validateTenant,
+  validateSince,
+  validateBaseUrl,
+  TYPE_NAME,
+  TENANT_SLUG,
+  MAX_TYPES,
+  type UrlQuery,
+} from './url.js';
+export {
+  SUBPROTOCOL,
+  KEY_SUBPROTOCOL_PREFIX,
+  MAX_FRAME_BYTES,
+  type BrowserWebSocket,
+  type BrowserWebSocketConstructor,
+} from './transport.js';
