@@ -1,7 +1,5 @@
-// The protocol additions the server is gaining (docs/protocol.md): `snapshot=open`, `ready` and
-// `types`. Written against their specification; marked todo until the server supports them.
-// When it does: set SERVER_SUPPORTS to true (the tests then fail the suite like any other and
-// wait as long as the others).
+// Joining with the open orders (`snapshot=open`), the `ready` frame and type filters (`types`),
+// as docs/protocol.md specifies them, against the real server.
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
@@ -23,11 +21,7 @@ import {
   waitFor,
 } from './helpers.mjs';
 
-const SERVER_SUPPORTS = false;
-const pending = SERVER_SUPPORTS ? {} : { todo: 'server support pending' };
-/** Until the server supports them, a missing frame fails fast instead of after WAIT_MS. */
-const WAIT = SERVER_SUPPORTS ? WAIT_MS : 5_000;
-const until = (what, check) => waitFor(what, check, WAIT);
+const until = (what, check) => waitFor(what, check, WAIT_MS);
 
 describe('snapshot, ready and types', { skip: serverMissing ?? false, concurrency: true }, () => {
   let server;
@@ -70,7 +64,7 @@ describe('snapshot, ready and types', { skip: serverMissing ?? false, concurrenc
     return snapshot;
   }
 
-  test('a first start (no since) gets the open orders as order_snapshot, then snapshot_end, then live', pending, async (t) => {
+  test('a first start (no since) gets the open orders as order_snapshot, then snapshot_end, then live', async (t) => {
     const { tenant, key } = await newTenant('snap');
     const head = await openOrders(tenant);
     const { c, r } = await start(t, { tenant, key });
@@ -84,7 +78,7 @@ describe('snapshot, ready and types', { skip: serverMissing ?? false, concurrenc
     assert.ok(!r.frames.some((f) => f.type === 'resync_required'));
   });
 
-  test('a since the server cannot resume from gets a snapshot instead of resync_required', pending, async (t) => {
+  test('a since the server cannot resume from gets a snapshot instead of resync_required', async (t) => {
     const { tenant, key } = await newTenant('snapsince');
     const head = await openOrders(tenant);
     const { c, r } = await start(t, { tenant, key, since: 1000 }); // ahead of the log: a restore
@@ -96,7 +90,7 @@ describe('snapshot, ready and types', { skip: serverMissing ?? false, concurrenc
     assert.equal((await until('a live event', () => r.frames.find((f) => f.type === 'loyalty_updated'))).id, head + 1);
   });
 
-  test('after an in-stream resync_required, the reconnect brings the orders it covered as order_snapshot', pending, async (t) => {
+  test('after an in-stream resync_required, the reconnect brings the orders it covered as order_snapshot', async (t) => {
     const { tenant, key } = await newTenant('snapresync');
     const { c, r } = await start(t, { tenant, key });
     await until('the first snapshot', () => r.frames.some((f) => f.type === 'snapshot_end'));
@@ -114,7 +108,7 @@ describe('snapshot, ready and types', { skip: serverMissing ?? false, concurrenc
     assert.equal(c.position, end.id);
   });
 
-  test('ready after the replay, and at once for a live join', pending, async (t) => {
+  test('ready after the replay, and at once for a live join', async (t) => {
     const { tenant, key } = await newTenant('ready');
     for (const p of [1, 2, 3]) await insertLoyalty(tenant, p);
     await until('three events', async () => (await headId(tenant)) === 3);
@@ -128,7 +122,7 @@ describe('snapshot, ready and types', { skip: serverMissing ?? false, concurrenc
     assert.deepEqual([first.type, first.id], ['ready', 3]);
   });
 
-  test('types: only the listed types arrive, and the position follows ready past filtered ids', pending, async (t) => {
+  test('types: only the listed types arrive, and the position follows ready past filtered ids', async (t) => {
     const { tenant, key } = await newTenant('types');
     const types = ['new_order', 'order_updated'];
     const { c, r, s } = await start(t, { tenant, key, types, snapshot: false });
