@@ -4,6 +4,7 @@
 //! in id order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,12 +18,20 @@ use crate::common::*;
 const CHAOS_FOR: Duration = Duration::from_secs(25);
 /// Listener kills, spread over the run.
 const KILL_EVERY: Duration = Duration::from_millis(2500);
-/// The slow client stalls this long between bursts of reading: long enough to overflow its
-/// queue by its own slowness (listener outages are short, so catch-up bursts cannot be relied
-/// on), shorter than the server's 5 s close timeout so it still reads the 1013.
-const STALL: Duration = Duration::from_millis(4000);
+/// The slow client stalls between bursts of reading until this many large broadcasts on its
+/// tenant were answered since the stall began: their 100 KiB frames are more than its queue,
+/// the server's socket buffer and its own receive buffer hold, so it overflows by its own
+/// slowness (listener outages are short, so catch-up bursts cannot be relied on). Counting
+/// broadcasts instead of sleeping a fixed time keeps that true on a loaded machine, where the
+/// writers slow down.
+const STALL_BROADCASTS: usize = 6;
+/// The longest stall: shorter than the server's 5 s close timeout, so the client still reads
+/// the 1013 when the broadcasts are slow.
+const STALL_MAX: Duration = Duration::from_millis(4000);
 /// Per-client queue on both instances: small, so the slow client overflows quickly.
 const QUEUE_BYTES: usize = 256 * 1024;
+/// Size of the padding of the large broadcasts on t1.
+const LARGE_PAD: usize = 100 * 1024;
 const TENANTS: [&str; 3] = ["t1", "t2", "t3"];
 
 /// What a client does between reconnects.
@@ -38,6 +47,7 @@ enum Behaviour {
 }
 
 /// One resuming client: returns everything it received and how many 1013 closes it got.
+/// `large_sent` counts the large broadcasts answered so far (what the slow client waits on).
 async fn resuming_client(
     servers: Arc<Vec<TestServer>>,
     tenant: &'static str,
@@ -45,6 +55,7 @@ async fn resuming_client(
     behaviour: Behaviour,
     first_server: usize,
     stop: CancellationToken,
+    large_sent: Arc<AtomicUsize>,
 ) -> (Vec<Value>, usize) {
     let mut got: Vec<Value> = Vec::new();
     let mut cut_off = 0;
@@ -63,15 +74,21 @@ async fn resuming_client(
             }
             Behaviour::Slow => connect_small_buffer(server, &path, &key, 4096).await,
         };
-        let (stall, read_for) = match behaviour {
-            Behaviour::Steady => (Duration::ZERO, CHAOS_FOR * 4),
-            Behaviour::Hopper => (
-                Duration::ZERO,
-                Duration::from_millis(700 + 150 * (round as u64 % 5)),
-            ),
-            Behaviour::Slow => (STALL, Duration::from_millis(3000)),
+        let read_for = match behaviour {
+            Behaviour::Steady => CHAOS_FOR * 4,
+            Behaviour::Hopper => Duration::from_millis(700 + 150 * (round as u64 % 5)),
+            Behaviour::Slow => Duration::from_millis(3000),
         };
-        tokio::time::sleep(stall).await;
+        if let Behaviour::Slow = behaviour {
+            let stall_until = tokio::time::Instant::now() + STALL_MAX;
+            let target = large_sent.load(Ordering::Relaxed) + STALL_BROADCASTS;
+            while large_sent.load(Ordering::Relaxed) < target
+                && tokio::time::Instant::now() < stall_until
+                && !stop.is_cancelled()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let until = tokio::time::Instant::now() + read_for;
         loop {
             let next = tokio::select! {
@@ -111,6 +128,7 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
     }
     let servers = Arc::new(servers);
     let stop = CancellationToken::new();
+    let large_sent = Arc::new(AtomicUsize::new(0));
 
     // Clients: per tenant one steady reader on each instance and one that hops between them;
     // one slow reader on t1. All start from the beginning of the log.
@@ -128,6 +146,7 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
                 behaviour,
                 first,
                 stop.clone(),
+                Arc::clone(&large_sent),
             );
             clients.push((*t, who, tokio::spawn(task)));
         }
@@ -142,6 +161,7 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
             Behaviour::Slow,
             0,
             stop.clone(),
+            Arc::clone(&large_sent),
         )),
     ));
 
@@ -173,9 +193,11 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
             }
         }));
     }
-    for (n, pad) in [(0usize, 16usize), (1, 100 * 1024)] {
+    // Two writers of large broadcasts, so their rate holds up when each waits for numbering.
+    for (n, pad) in [(0usize, 16usize), (1, LARGE_PAD), (1, LARGE_PAD)] {
         let servers = Arc::clone(&servers);
         let stop = stop.clone();
+        let large_sent = Arc::clone(&large_sent);
         writers.push(tokio::spawn(async move {
             let pad = "p".repeat(pad);
             let mut i = 0usize;
@@ -186,6 +208,9 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
                     .broadcast(&json!({"tenant": tenant, "event": {"type": "chaos", "data": {"i": i, "pad": pad}}}))
                     .await;
                 assert_eq!(status, 200);
+                if n == 1 {
+                    large_sent.fetch_add(1, Ordering::Relaxed);
+                }
                 tokio::time::sleep(Duration::from_millis(if n == 1 { 80 } else { 20 })).await;
             }
         }));
@@ -239,10 +264,16 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
             let since = got.last().map_or(0, |e| e["id"].as_i64().unwrap());
             let mut pos = Pos::connect(&servers[0], t, key, Some(since)).await;
             while got.len() < logs[t].len() {
-                match tokio::time::timeout(WAIT, pos.ws.next())
-                    .await
-                    .expect("catch-up progresses")
-                {
+                let next = match tokio::time::timeout(WAIT, pos.ws.next()).await {
+                    Ok(next) => next,
+                    Err(_) => panic!(
+                        "{t} {who}: catch-up from {since} stalled at {} of {} events\n{}",
+                        got.len(),
+                        logs[t].len(),
+                        stall_report(&servers[0], &client, t, since).await
+                    ),
+                };
+                match next {
                     Some(Ok(Message::Text(text))) if is_ready(&text) => {}
                     Some(Ok(Message::Text(text))) => got.push(serde_json::from_str(&text).unwrap()),
                     Some(Ok(Message::Close(c))) => {
@@ -256,4 +287,40 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
         }
         assert_exactly_the_log(&format!("{t} {who}"), &got, &logs[t]);
     }
+}
+
+/// What a stalled catch-up needs explained: the instance's listener and resume counters, its
+/// view of the tenant, and the log around the client's position.
+async fn stall_report(
+    server: &TestServer,
+    client: &tokio_postgres::Client,
+    tenant: &str,
+    since: i64,
+) -> String {
+    let metrics = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metrics: Vec<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && (l.contains("listener") || l.contains("resumes")))
+        .collect();
+    let tenant_view = reqwest::get(server.http(&format!("/admin/tenants/{tenant}")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows = client
+        .query(
+            "SELECT format('%s batch %s %s', id, batch, type) FROM orderpush.events
+             WHERE tenant_slug = $1 AND id >= $2 - 2 ORDER BY id",
+            &[&tenant, &since],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    format!("metrics: {metrics:#?}\ntenant: {tenant_view}\nlog: {rows:#?}")
 }
