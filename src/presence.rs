@@ -3,7 +3,7 @@
 //! alert) sees all of them; rows of instances whose heartbeat stopped expire.
 //!
 //! The socket tasks never touch the database: they update atomics on their [`Connection`]; the
-//! flush loop collects what changed every [`FLUSH_INTERVAL`] and writes it in one transaction.
+//! flush loop collects what changed every `Tuning::presence_interval` ([`crate::config::PRESENCE_INTERVAL`]) and writes it in one transaction.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,10 +20,6 @@ use crate::db::DbError;
 use crate::listener::ListenerHealth;
 use crate::metrics::Metrics;
 
-/// How often an instance writes its heartbeat and its connections' changes: one transaction per
-/// instance per interval, however many frames flow. 2 s keeps the admin view and the
-/// undelivered alert at most a few seconds behind.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// An instance whose heartbeat is older than this is dead: its rows are ignored and deleted.
 /// Several missed heartbeats, so a busy database or a GC-like pause does not evict a live one.
 pub const STALE_AFTER: Duration = Duration::from_secs(15);

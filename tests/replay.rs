@@ -102,7 +102,7 @@ async fn a_since_in_the_pruned_range_gets_resync_required_at_once_whatever_the_v
     );
 }
 
-/// The replay limit in the test below (production: `http::ws::MAX_REPLAY_ROWS`, 100,000).
+/// The replay limit in the test below (production: `config::MAX_REPLAY_ROWS`, 100,000).
 const SHORT_REPLAY_LIMIT: i64 = 100;
 
 #[tokio::test]

@@ -115,7 +115,8 @@ fn guess(n: u32) -> String {
 
 #[tokio::test]
 async fn bad_keys_from_an_address_are_throttled_while_valid_keys_from_it_keep_connecting() {
-    use orderpush::http::auth::{AUTH_FAILURE_LIMIT, BLOCKED_LOOKUP_INTERVAL};
+    use orderpush::config::AUTH_FAILURE_LIMIT;
+    use orderpush::http::auth::BLOCKED_LOOKUP_INTERVAL;
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let connected_before = db.key("kitchen").await;
@@ -375,12 +376,12 @@ async fn the_default_limit_is_documented_and_sane() {
     use orderpush::http::auth;
     // Sane: a POS retrying every 2 s with a revoked key never trips it.
     let per_window = auth::AUTH_FAILURE_WINDOW.as_secs() / 2;
-    assert!(u64::from(auth::AUTH_FAILURE_LIMIT) > per_window);
+    assert!(u64::from(orderpush::config::AUTH_FAILURE_LIMIT) > per_window);
     let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reliability.md"))
         .expect("docs/reliability.md exists");
     assert!(docs.contains(&format!(
         "{} failed authentications",
-        auth::AUTH_FAILURE_LIMIT
+        orderpush::config::AUTH_FAILURE_LIMIT
     )));
     assert!(docs.contains("--auth-failure-limit"));
 }

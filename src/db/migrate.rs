@@ -22,15 +22,6 @@ const MIGRATION_LOCK_KEY: i64 = 0x6f70_6d67;
 /// refinery's bookkeeping table (its default name; orderpush does not change it).
 pub const HISTORY_TABLE: &str = "refinery_schema_history";
 
-/// How long one DDL statement may wait for a table lock. While `CREATE TRIGGER` waits for a
-/// lock on `orders`, every application write to `orders` queues behind it; 5 s is longer than
-/// any healthy web-app transaction yet short enough that a stalled till sees a blip, not an
-/// outage.
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts before `migrate` gives up on a lock: five tries spread over about half a minute
-/// outlast an ordinary burst, and still fail a deploy quickly when a session holds a lock for
-/// good (an idle-in-transaction connection) and a human must step in.
-pub const LOCK_ATTEMPTS: u32 = 5;
 /// Wait before the first retry; doubled after each failed attempt.
 pub const RETRY_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts.
@@ -55,8 +46,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            lock_timeout: LOCK_TIMEOUT,
-            attempts: LOCK_ATTEMPTS,
+            lock_timeout: crate::config::MIGRATE_LOCK_TIMEOUT,
+            attempts: crate::config::MIGRATE_LOCK_ATTEMPTS,
             target: None,
         }
     }
