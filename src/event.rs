@@ -13,6 +13,10 @@ pub use fit::TooLarge;
 /// 1 MiB holds an order with hundreds of items and long notes many times over.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// The type of the marker event (id 0) that starts a tenant's log over, written by the
+/// sequencer when a tenant is deleted and created again under its slug. Never sent to a POS.
+pub const TENANT_RESET: &str = "orderpush.tenant_reset";
+
 /// Why a POS is told to refetch its state (`resync_required`'s `data.reason`, docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResyncReason {

@@ -19,12 +19,12 @@ use tracing::{debug, info, warn};
 use crate::activity::Activity;
 use crate::db::events::{FollowQueries, LogPosition, LogState};
 use crate::db::sequencer::BATCH_CHANNEL;
+use crate::db::wakeup::{ModeQuery, WakeupMode};
 use crate::db::{self, DbError};
-use crate::event::Event;
+use crate::event::{Event, TENANT_RESET};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
-use crate::sequencer::TENANT_RESET;
 
 /// First reconnect delay: a killed backend is usually replaceable at once.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -40,11 +40,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the listener re-reads the database's `orderpush.wakeup` (the sequencer paces its
 /// reads by it) and checks that staged rows are being numbered.
 const MODE_RECHECK: Duration = Duration::from_secs(2);
-/// The database-level `orderpush.wakeup` (what new sessions get), or NULL when unset.
-const MODE_SQL: &str = "SELECT (SELECT substr(c, length('orderpush.wakeup=') + 1)
-       FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-       WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-         AND s.setrole = 0 AND c LIKE 'orderpush.wakeup=%')";
 /// /readyz turns 503 when the listener has not completed a read for this long (docs/protocol.md:
 /// noticed within 10 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
@@ -52,50 +47,6 @@ pub const STALE_AFTER: Duration = Duration::from_secs(8);
 pub const SEQUENCER_STALL: Duration = Duration::from_secs(10);
 /// At most one "no POS connected" warning per tenant per this interval.
 const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
-
-/// How the triggers wake the sequencer (`ALTER DATABASE ... SET orderpush.wakeup`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WakeupMode {
-    /// Every staging transaction notifies.
-    Notify,
-    /// One in-flight transaction at a time notifies; the sequencer re-reads and polls.
-    Gated,
-    /// No NOTIFY; the sequencer polls.
-    Poll,
-}
-
-impl WakeupMode {
-    fn parse(s: Option<&str>) -> Self {
-        match s {
-            Some("notify") => WakeupMode::Notify,
-            Some("poll") => WakeupMode::Poll,
-            // The default, as in orderpush.stage(): gated.
-            _ => WakeupMode::Gated,
-        }
-    }
-
-    /// How often the sequencer polls the staging table in this mode (its safety net): rarely
-    /// when every commit notifies, often when none does.
-    pub fn poll_interval(self) -> Duration {
-        match self {
-            WakeupMode::Notify => Duration::from_secs(1),
-            // Bounds the delay of a commit whose wake-up was skipped and which committed after
-            // the follow-up read.
-            WakeupMode::Gated => Duration::from_millis(100),
-            // The delivery latency a DBA accepts for a database without NOTIFY.
-            WakeupMode::Poll => Duration::from_millis(10),
-        }
-    }
-
-    /// The name a DBA sets and sees.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WakeupMode::Notify => "notify",
-            WakeupMode::Gated => "gated",
-            WakeupMode::Poll => "poll",
-        }
-    }
-}
 
 /// The listener's state as /readyz and the status page see it.
 #[derive(Debug)]
@@ -355,7 +306,7 @@ impl Listener {
         // LISTEN first, then read: a batch committed in between is seen by the read, and its
         // announcement only causes one extra (empty) read.
         with_timeout(client.batch_execute(&format!("LISTEN {BATCH_CHANNEL}"))).await?;
-        let mode_query = with_timeout(client.prepare(MODE_SQL)).await?;
+        let mode_query = with_timeout(ModeQuery::prepare(&client)).await?;
         let queries = with_timeout(FollowQueries::prepare(&client)).await?;
         self.check(&client, &mode_query, &queries).await?;
         self.metrics
@@ -390,14 +341,10 @@ impl Listener {
     async fn check(
         &self,
         client: &tokio_postgres::Client,
-        mode_query: &tokio_postgres::Statement,
+        mode_query: &ModeQuery,
         queries: &FollowQueries,
     ) -> Result<(), DbError> {
-        let mode = WakeupMode::parse(
-            with_timeout(client.query_one(mode_query, &[]))
-                .await?
-                .get::<_, Option<&str>>(0),
-        );
+        let mode = with_timeout(mode_query.read(client)).await?;
         if self.health.mode() != Some(mode) {
             info!(mode = mode.as_str(), "wake-up mode");
             self.health.set_mode(mode);

@@ -147,7 +147,10 @@ pub async fn run(
         &config.database,
         Arc::clone(&metrics),
         Arc::clone(&sequencer_health),
-        Arc::clone(&listener_health),
+        {
+            let listener = Arc::clone(&listener_health);
+            move || listener.mode()
+        },
     );
     tracker.spawn(sequencer.run(shutdown.clone()));
     tracker.spawn(presence::run(

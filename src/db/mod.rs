@@ -7,6 +7,7 @@ pub mod migrate;
 pub mod sequencer;
 pub mod triggers;
 pub mod uninstall;
+pub mod wakeup;
 
 use std::sync::Arc;
 use std::time::Duration;
