@@ -22,11 +22,13 @@
 //! - [`metrics`]: counters and histograms rendered in Prometheus text format.
 //! - [`presence`]: which terminals are connected to which instance, shared through the database.
 //! - [`revocation`]: the LISTEN connection for key changes; closes revoked keys' sockets.
+//! - [`alert`]: the undelivered-event alert, after each event is handed to the sockets.
 //! - [`activity`]: recent events and rates for the status page (in memory, bounded).
 //! - [`server`]: wires everything together and runs until shutdown.
 //! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
 
 pub mod activity;
+pub mod alert;
 pub mod config;
 pub mod db;
 pub mod event;

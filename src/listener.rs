@@ -16,7 +16,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::activity::Activity;
+use crate::alert::UndeliveredAlert;
 use crate::db::events::{FollowQueries, LogPosition, LogState};
 use crate::db::sequencer::BATCH_CHANNEL;
 use crate::db::wakeup::{ModeQuery, WakeupMode};
@@ -24,7 +24,6 @@ use crate::db::{self, DbError};
 use crate::event::{Event, TENANT_RESET};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
-use crate::presence::Presence;
 
 /// First reconnect delay: a killed backend is usually replaceable at once.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -45,8 +44,6 @@ const MODE_RECHECK: Duration = Duration::from_secs(2);
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
 /// /readyz turns 503 when a staged row has waited this long: no sequencer is numbering.
 pub const SEQUENCER_STALL: Duration = Duration::from_secs(10);
-/// At most one "no POS connected" warning per tenant per this interval.
-const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The listener's state as /readyz and the status page see it.
 #[derive(Debug)]
@@ -192,12 +189,9 @@ pub struct Listener {
     epoch: Option<i64>,
     /// Per tenant, the last id handed to the hub, to notice holes and rewinds.
     last_ids: HashMap<Arc<str>, i64>,
-    last_undelivered_warning: HashMap<Arc<str>, Instant>,
-    /// Where other instances' terminals are known (the undelivered alert); `None` = only this
-    /// instance's sockets count.
-    presence: Option<Arc<Presence>>,
-    /// The status page's record of recent events.
-    activity: Option<Arc<Activity>>,
+    /// What follows each hand-off: delivery logs, the status page's record, the undelivered
+    /// alert.
+    alert: UndeliveredAlert,
     /// /broadcast requests waiting for their ids.
     waiters: Arc<NumberedWaiters>,
 }
@@ -229,7 +223,7 @@ impl Listener {
         Self {
             config: db::with_defaults(config, "orderpush-listener"),
             hub,
-            metrics,
+            metrics: Arc::clone(&metrics),
             health,
             position: LogPosition::after_batch(start.batch),
             epoch: None,
@@ -238,18 +232,15 @@ impl Listener {
                 .into_iter()
                 .map(|(t, seq)| (Arc::from(t), seq))
                 .collect(),
-            last_undelivered_warning: HashMap::new(),
-            presence: None,
-            activity: None,
+            alert: UndeliveredAlert::new(Arc::clone(&metrics)),
             waiters,
         }
     }
 
-    /// Makes the undelivered alert cluster-wide (a terminal on another instance counts, and one
-    /// instance reports) and records events for the status page.
-    pub fn with_presence(mut self, presence: Arc<Presence>, activity: Arc<Activity>) -> Self {
-        self.presence = Some(presence);
-        self.activity = Some(activity);
+    /// Replaces the default alert (this instance's sockets only, no status-page record), e.g.
+    /// with a cluster-wide one ([`UndeliveredAlert::cluster_wide`]).
+    pub fn with_alert(mut self, alert: UndeliveredAlert) -> Self {
+        self.alert = alert;
         self
     }
 
@@ -481,81 +472,8 @@ impl Listener {
             rewind: false,
         };
         let delivery = self.hub.publish(&event.tenant, &frame);
-        let here = delivery.sent + delivery.failed;
-        // Another instance's terminal counts as delivered; without a fresh presence view
-        // (database trouble) only this instance's sockets can be known.
-        let elsewhere = self
-            .presence
-            .as_ref()
-            .and_then(|p| p.connected_elsewhere(&event.tenant));
-        let undelivered = here == 0 && elsewhere != Some(true);
-        if let Some(activity) = &self.activity {
-            activity.record(&event, delivery.sent, undelivered);
-        }
-        if here == 0 && elsewhere == Some(true) {
-            // Its terminals are on other instances, which log the delivery: no noise here.
-            debug!(tenant = %event.tenant, "no local connections for tenant: {}", event.tenant);
-        } else if here == 0 {
-            info!(tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
-        } else {
-            info!(
-                tenant = %event.tenant, event_type = %event.kind, id = event.id,
-                "event '{}' sent to {} clients for tenant: {} ({} failed)",
-                event.kind, delivery.sent, event.tenant, delivery.failed
-            );
-        }
-        // Every instance reads every event: one of them reports, so an event is warned about
-        // and counted once, not once per instance.
-        if undelivered && self.presence.as_ref().is_none_or(|p| p.is_reporter()) {
-            self.metrics.undelivered(&event.kind);
-            self.warn_undelivered(&event, elsewhere.is_some());
-        }
-    }
-
-    /// WARN once per tenant per [`UNDELIVERED_WARN_INTERVAL`] for orders, and separately for
-    /// other events, so an order is never hidden behind an earlier loyalty warning.
-    fn warn_undelivered(&mut self, event: &Event, cluster_wide: bool) {
-        let now = Instant::now();
-        let is_order = event.kind == "new_order";
-        let key: Arc<str> = if is_order {
-            Arc::clone(&event.tenant)
-        } else {
-            Arc::from(format!("{}\0other", event.tenant))
-        };
-        let last = self.last_undelivered_warning.get(&key);
-        if last.is_some_and(|t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL) {
-            return;
-        }
-        // Bounded by tenants with recent warnings: older entries no longer suppress anything.
-        self.last_undelivered_warning
-            .retain(|_, t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL);
-        self.last_undelivered_warning.insert(key, now);
-        let scope = if cluster_wide {
-            "no POS connected"
-        } else {
-            "no POS connected to this instance (presence unavailable)"
-        };
-        if is_order {
-            let number = serde_json::from_str::<serde_json::Value>(&event.data)
-                .ok()
-                .and_then(|d| {
-                    d.get("orderNumber")
-                        .and_then(|n| n.as_str())
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| "?".into());
-            // Escaped: an order number is the application's data and must not forge log lines.
-            let number = number.escape_debug();
-            warn!(
-                tenant = %event.tenant, id = event.id,
-                "order {number} for tenant {}: {scope}", event.tenant
-            );
-        } else {
-            warn!(
-                tenant = %event.tenant, id = event.id, event_type = %event.kind,
-                "event {} (id {}) for tenant {}: {scope}", event.kind, event.id, event.tenant
-            );
-        }
+        self.alert
+            .published(&event, delivery.sent, delivery.failed);
     }
 }
 

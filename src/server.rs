@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::activity::Activity;
+use crate::alert::UndeliveredAlert;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events};
 use crate::http::{
@@ -139,7 +140,10 @@ pub async fn run(
         Arc::clone(&listener_health),
         Arc::clone(&waiters),
     )
-    .with_presence(Arc::clone(&presence), Arc::clone(&activity));
+    .with_alert(
+        UndeliveredAlert::new(Arc::clone(&metrics))
+            .cluster_wide(Arc::clone(&presence), Arc::clone(&activity)),
+    );
     tracker.spawn(follower.run(shutdown.clone()));
     // Every instance stands for election; one numbers staged rows at a time.
     let sequencer_health = Arc::new(SequencerHealth::default());
