@@ -472,8 +472,7 @@ impl Listener {
             rewind: false,
         };
         let delivery = self.hub.publish(&event.tenant, &frame);
-        self.alert
-            .published(&event, delivery.sent, delivery.failed);
+        self.alert.published(&event, delivery.sent, delivery.failed);
     }
 }
 

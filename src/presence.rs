@@ -11,18 +11,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::activity::Activity;
-use crate::db::DbError;
+pub use crate::db::presence::{InstanceStats, STALE_AFTER};
+
+use crate::db::{self, DbError};
 use crate::listener::ListenerHealth;
 use crate::metrics::Metrics;
 
-/// An instance whose heartbeat is older than this is dead: its rows are ignored and deleted.
-/// Several missed heartbeats, so a busy database or a GC-like pause does not evict a live one.
-pub const STALE_AFTER: Duration = Duration::from_secs(15);
 /// Any presence query slower than this is abandoned; the next flush rewrites everything.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A value meaning "none yet" in the atomics (event ids are >= 0).
@@ -123,6 +121,19 @@ impl Connection {
     /// The last id this POS acknowledged, if any.
     pub fn last_acked(&self) -> Option<i64> {
         some(self.last_acked.load(Ordering::Relaxed))
+    }
+
+    /// Its row in the database, as of now.
+    fn as_terminal(&self) -> db::presence::Terminal<'_> {
+        db::presence::Terminal {
+            conn_id: self.id,
+            tenant: &self.tenant,
+            key_id: &self.key_id,
+            peer: self.peer,
+            connected_at: self.connected_at,
+            last_delivered: self.last_delivered(),
+            last_acked: self.last_acked(),
+        }
     }
 }
 
@@ -300,39 +311,15 @@ impl Presence {
     ) -> Result<FlushReport, DbError> {
         let (mut full, mut removed, mut changed) = self.take_changes(false);
         let tx = client.transaction().await?;
-        let started = self
-            .info
-            .started_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let row = tx
-            .query_one(
-                "INSERT INTO orderpush.instances AS i (id, hostname, pid, listen, version, started_at,
-                     heartbeat_at, listener_up, listener_mode, listener_read_age_ms, listener_lag_ms,
-                     events_per_second)
-                 VALUES ($1, $2, $3, $4, $5, to_timestamp($6), now(), $7, $8, $9, $11, $10)
-                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),
-                     listener_up = excluded.listener_up, listener_mode = excluded.listener_mode,
-                     listener_read_age_ms = excluded.listener_read_age_ms,
-                     listener_lag_ms = excluded.listener_lag_ms,
-                     events_per_second = excluded.events_per_second
-                 RETURNING (xmax = 0) AS inserted",
-                &[
-                    &self.info.id,
-                    &self.info.hostname,
-                    &(self.info.pid as i32),
-                    &self.info.listen,
-                    &self.info.version,
-                    &started.as_secs_f64(),
-                    &stats.listener_up,
-                    &stats.listener_mode,
-                    &stats.listener_read_age_ms,
-                    &stats.events_per_second,
-                    &stats.listener_lag_ms,
-                ],
-            )
-            .await?;
-        let inserted: bool = row.get(0);
+        let instance = db::presence::Instance {
+            id: &self.info.id,
+            hostname: &self.info.hostname,
+            pid: self.info.pid,
+            listen: &self.info.listen,
+            version: self.info.version,
+            started_at: self.info.started_at,
+        };
+        let inserted = db::presence::heartbeat(&tx, &instance, stats).await?;
         if inserted && !full {
             // Our row was gone (expired by another instance after a long stall, or the database
             // failed over and the unlogged tables came back empty): rewrite everything.
@@ -340,29 +327,16 @@ impl Presence {
             (full, removed, changed) = self.take_changes(true);
         }
         if full {
-            tx.execute(
-                "DELETE FROM orderpush.connections WHERE instance_id = $1",
-                &[&self.info.id],
-            )
-            .await?;
+            db::presence::clear_terminals(&tx, &self.info.id).await?;
         } else if !removed.is_empty() {
-            let ids: Vec<i64> = removed.iter().map(|&id| id as i64).collect();
-            tx.execute(
-                "DELETE FROM orderpush.connections WHERE instance_id = $1 AND conn_id = ANY($2)",
-                &[&self.info.id, &ids],
-            )
-            .await?;
+            db::presence::remove_terminals(&tx, &self.info.id, &removed).await?;
         }
         if !changed.is_empty() {
-            upsert_connections(&tx, &self.info.id, &changed).await?;
+            let terminals: Vec<db::presence::Terminal<'_>> =
+                changed.iter().map(|c| c.as_terminal()).collect();
+            db::presence::upsert_terminals(&tx, &self.info.id, &terminals).await?;
         }
-        let expired = tx
-            .execute(
-                "DELETE FROM orderpush.instances
-                 WHERE heartbeat_at < now() - make_interval(secs => $1) AND id <> $2",
-                &[&STALE_AFTER.as_secs_f64(), &self.info.id],
-            )
-            .await?;
+        let expired = db::presence::expire_instances(&tx, &self.info.id).await?;
         tx.commit().await?;
         if expired > 0 {
             info!(
@@ -371,28 +345,8 @@ impl Presence {
             );
         }
 
-        let instances: Vec<String> = client
-            .query(
-                "SELECT id FROM orderpush.instances
-                 WHERE heartbeat_at >= now() - make_interval(secs => $1) ORDER BY id",
-                &[&STALE_AFTER.as_secs_f64()],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let elsewhere: HashSet<Arc<str>> = client
-            .query(
-                "SELECT DISTINCT c.tenant_slug FROM orderpush.connections c
-                 JOIN orderpush.instances i ON i.id = c.instance_id
-                 WHERE c.instance_id <> $1
-                   AND i.heartbeat_at >= now() - make_interval(secs => $2)",
-                &[&self.info.id, &STALE_AFTER.as_secs_f64()],
-            )
-            .await?
-            .iter()
-            .map(|r| Arc::from(r.get::<_, &str>(0)))
-            .collect();
+        let instances = db::presence::live_instance_ids(&*client).await?;
+        let elsewhere = db::presence::tenants_connected_elsewhere(&*client, &self.info.id).await?;
         let report = FlushReport {
             written: changed.len(),
             removed: if full { 0 } else { removed.len() },
@@ -425,10 +379,9 @@ impl Presence {
     /// Deletes this instance's rows (clean shutdown), so others stop counting its terminals at
     /// once instead of after [`STALE_AFTER`].
     pub async fn deregister(&self, client: &tokio_postgres::Client) -> Result<(), DbError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.info.id];
-        let work = client.execute("DELETE FROM orderpush.instances WHERE id = $1", &params);
+        let work = db::presence::deregister(client, &self.info.id);
         match tokio::time::timeout(QUERY_TIMEOUT, work).await {
-            Ok(r) => r.map(|_| ()).map_err(Into::into),
+            Ok(r) => r,
             Err(_) => Err(DbError::Timeout),
         }
     }
@@ -440,64 +393,6 @@ impl Presence {
     fn lock_view(&self) -> std::sync::MutexGuard<'_, ClusterView> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// One statement for every changed connection, however many.
-async fn upsert_connections(
-    tx: &impl GenericClient,
-    instance: &str,
-    conns: &[Arc<Connection>],
-) -> Result<(), DbError> {
-    let mut ids = Vec::with_capacity(conns.len());
-    let mut tenants = Vec::with_capacity(conns.len());
-    let mut keys = Vec::with_capacity(conns.len());
-    let mut peers = Vec::with_capacity(conns.len());
-    let mut connected = Vec::with_capacity(conns.len());
-    let mut delivered = Vec::with_capacity(conns.len());
-    let mut acked = Vec::with_capacity(conns.len());
-    for c in conns {
-        ids.push(c.id as i64);
-        tenants.push(&*c.tenant);
-        keys.push(&*c.key_id);
-        peers.push(c.peer.to_string());
-        connected.push(
-            c.connected_at
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-        );
-        delivered.push(c.last_delivered());
-        acked.push(c.last_acked());
-    }
-    tx.execute(
-        "INSERT INTO orderpush.connections AS c (instance_id, conn_id, tenant_slug, key_id, peer,
-             connected_at, last_delivered_id, last_acked_id)
-         SELECT $1, u.id, u.tenant, u.key, u.peer, to_timestamp(u.at), u.delivered, u.acked
-         FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::bigint[],
-                     $8::bigint[]) AS u(id, tenant, key, peer, at, delivered, acked)
-         ON CONFLICT (instance_id, conn_id) DO UPDATE SET
-             last_delivered_id = excluded.last_delivered_id, last_acked_id = excluded.last_acked_id",
-        &[
-            &instance, &ids, &tenants, &keys, &peers, &connected, &delivered, &acked,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-/// What an instance publishes about itself with each heartbeat.
-#[derive(Debug, Clone, Default)]
-pub struct InstanceStats {
-    /// Its listener is connected and following.
-    pub listener_up: bool,
-    /// The listener's wake-up mode.
-    pub listener_mode: Option<String>,
-    /// Milliseconds since the listener's last completed read.
-    pub listener_read_age_ms: Option<i64>,
-    /// Commit-to-send lag of the last event its listener read, in milliseconds.
-    pub listener_lag_ms: Option<f64>,
-    /// Events per second read from the log.
-    pub events_per_second: f64,
 }
 
 /// What one flush wrote, for tests and debug logs.

@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 use crate::db::sequencer::{
     Batch, CurrentOrder, NewEvent, STAGED_CHANNEL, SequencerQueries, StagedRow, TenantState,
 };
-use crate::db::{self, DbError};
 use crate::db::wakeup::WakeupMode;
+use crate::db::{self, DbError};
 use crate::event::{self, ResyncReason, TENANT_RESET};
 use crate::metrics::Metrics;
 use render::FieldMap;

@@ -179,3 +179,79 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
         "a terminal elsewhere counts as delivered"
     );
 }
+
+#[tokio::test]
+async fn a_heartbeat_writes_each_statistic_to_its_own_column() {
+    use orderpush::db::presence::{Instance, InstanceStats, heartbeat};
+    use std::time::{Duration, SystemTime};
+
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let instance = Instance {
+        id: "i1",
+        hostname: "host",
+        pid: 7,
+        listen: "127.0.0.1:9011",
+        version: "v",
+        started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    };
+    let read = async || {
+        let r = client
+            .query_one(
+                "SELECT pid, listener_up, listener_mode, listener_read_age_ms, listener_lag_ms,
+                        events_per_second, extract(epoch FROM started_at)::float8
+                 FROM orderpush.instances WHERE id = 'i1'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            r.get::<_, i32>(0),
+            r.get::<_, bool>(1),
+            r.get::<_, Option<String>>(2),
+            r.get::<_, Option<i64>>(3),
+            r.get::<_, Option<f64>>(4),
+            r.get::<_, f64>(5),
+            r.get::<_, f64>(6),
+        )
+    };
+    // Distinct values in every column, so a statistic bound to its neighbour's column shows.
+    let first = InstanceStats {
+        listener_up: true,
+        listener_mode: Some("poll".into()),
+        listener_read_age_ms: Some(11),
+        listener_lag_ms: Some(22.5),
+        events_per_second: 33.25,
+    };
+    assert!(
+        heartbeat(&client, &instance, &first).await.unwrap(),
+        "inserted"
+    );
+    assert_eq!(
+        read().await,
+        (
+            7,
+            true,
+            Some("poll".into()),
+            Some(11),
+            Some(22.5),
+            33.25,
+            1_700_000_000.0
+        )
+    );
+    let second = InstanceStats {
+        listener_up: false,
+        listener_mode: None,
+        listener_read_age_ms: Some(44),
+        listener_lag_ms: Some(55.5),
+        events_per_second: 66.75,
+    };
+    assert!(
+        !heartbeat(&client, &instance, &second).await.unwrap(),
+        "updated"
+    );
+    assert_eq!(
+        read().await,
+        (7, false, None, Some(44), Some(55.5), 66.75, 1_700_000_000.0)
+    );
+}

@@ -1,9 +1,22 @@
-//! Postgres access: connection settings, the pool, and one module per group of queries.
+//! Postgres access: connection settings, the pool, and one module per group of queries. Every
+//! SQL statement of the service lives in this module tree.
 
+/// The live-instance rule, written once: the CTE `live`, the instances whose heartbeat is within
+/// `$1` seconds (every query that uses it binds [`presence::STALE_AFTER`] there). Used as
+/// `concat!("WITH ", live_instances!(), " SELECT … FROM live …")`.
+macro_rules! live_instances {
+    () => {
+        "live AS (SELECT * FROM orderpush.instances
+                  WHERE heartbeat_at >= now() - make_interval(secs => $1))"
+    };
+}
+
+pub mod admin;
 pub mod broadcasts;
 pub mod events;
 pub mod keys;
 pub mod migrate;
+pub mod presence;
 pub mod sequencer;
 pub mod triggers;
 pub mod uninstall;

@@ -19,8 +19,8 @@ use tracing::warn;
 
 pub use key_cache::{KEY_CACHE_MAX, KEY_CACHE_TTL, KeyCache, REVOCATION_FRESHNESS, VerifiedKey};
 pub use limiter::{
-    AUTH_FAILURE_WINDOW, AUTH_LIMITER_MAX_ADDRESSES,
-    AuthLimiter, BLOCKED_LOOKUP_INTERVAL, limiter_key,
+    AUTH_FAILURE_WINDOW, AUTH_LIMITER_MAX_ADDRESSES, AuthLimiter, BLOCKED_LOOKUP_INTERVAL,
+    limiter_key,
 };
 
 use super::{AppState, Error};
