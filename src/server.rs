@@ -21,7 +21,7 @@ use crate::http::{
 use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
-use crate::presence::{self, InstanceInfo, Presence};
+use crate::presence::{self, InstanceInfo, InstanceStats, Presence};
 use crate::revocation;
 use crate::sequencer::{Sequencer, SequencerHealth};
 
@@ -161,8 +161,18 @@ pub async fn run(
         Arc::clone(&presence),
         config.database.clone(),
         config.tuning.presence_interval,
-        Arc::clone(&listener_health),
-        Arc::clone(&activity),
+        {
+            let listener = Arc::clone(&listener_health);
+            let activity = Arc::clone(&activity);
+            let metrics = Arc::clone(&metrics);
+            move || InstanceStats {
+                listener_up: listener.is_following(),
+                listener_mode: listener.mode().map(|m| m.as_str().to_owned()),
+                listener_read_age_ms: listener.last_read_age().map(|d| d.as_millis() as i64),
+                listener_lag_ms: metrics.last_lag().map(|d| d.as_secs_f64() * 1000.0),
+                events_per_second: activity.events_per_second(),
+            }
+        },
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
