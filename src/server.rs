@@ -15,9 +15,7 @@ use crate::activity::Activity;
 use crate::alert::UndeliveredAlert;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events};
-use crate::http::{
-    self, AppState, Shared, auth, auth::KeyCache, broadcast, limits::ConnectionLimits,
-};
+use crate::http::{self, AppState, Shared, auth, broadcast, limits::ConnectionLimits};
 use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
@@ -189,7 +187,7 @@ pub async fn run(
         hub,
         metrics,
         listener: listener_health,
-        keys: KeyCache::default(),
+        keys: Arc::default(),
         broadcast_token: config.broadcast_token.clone(),
         admin_token: config.admin_token.clone(),
         presence,
@@ -200,7 +198,15 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
-    tracker.spawn(revocation::run(state.clone(), config.database.clone()));
+    tracker.spawn(revocation::run(
+        revocation::Watched {
+            keys: Arc::clone(&state.keys),
+            hub: Arc::clone(&state.hub),
+            check_interval: state.tuning.revocation_check_interval,
+            shutdown: shutdown.clone(),
+        },
+        config.database.clone(),
+    ));
     tracker.spawn(http::status::refresh_gauges(state.clone()));
     tracker.spawn(hub::watch_drains(
         Arc::clone(&state.hub),
