@@ -296,7 +296,7 @@ impl Listener {
 
         // LISTEN first, then read: a batch committed in between is seen by the read, and its
         // announcement only causes one extra (empty) read.
-        with_timeout(client.batch_execute(&format!("LISTEN {BATCH_CHANNEL}"))).await?;
+        with_timeout(db::listen(&client, BATCH_CHANNEL)).await?;
         let mode_query = with_timeout(ModeQuery::prepare(&client)).await?;
         let queries = with_timeout(FollowQueries::prepare(&client)).await?;
         self.check(&client, &mode_query, &queries).await?;

@@ -189,11 +189,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Prune(args) => {
             let client = db::connect(args.db.database()?, "orderpush-prune").await?;
-            let exists = client
-                .query_one("SELECT to_regclass('orderpush.events') IS NOT NULL", &[])
-                .await?
-                .get::<_, bool>(0);
-            if !exists {
+            if !events::installed(&client).await? {
                 bail!("the database has no orderpush schema: run `orderpush migrate` first");
             }
             let n = events::prune(&client, args.older_than).await?;

@@ -127,12 +127,9 @@ async fn watch(
             }
         }
     }));
-    timeout(
-        QUERY_TIMEOUT,
-        client.batch_execute(&format!("LISTEN {}", keys::CHANGES_CHANNEL)),
-    )
-    .await
-    .map_err(|_| DbError::Timeout)??;
+    timeout(QUERY_TIMEOUT, db::listen(&client, keys::CHANGES_CHANNEL))
+        .await
+        .map_err(|_| DbError::Timeout)??;
     // From here on every committed change is notified to this connection.
     let live_since = Instant::now();
     full_check(state, &client, live_since).await?;
@@ -218,7 +215,7 @@ async fn full_check(
         );
     }
     if ids.is_empty() {
-        timeout(QUERY_TIMEOUT, client.simple_query("SELECT 1"))
+        timeout(QUERY_TIMEOUT, db::ping(client))
             .await
             .map_err(|_| DbError::Timeout)??;
     }

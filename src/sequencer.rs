@@ -180,7 +180,7 @@ impl Sequencer {
         }
         let epoch = random_epoch();
         let last = with_timeout(db::sequencer::start_epoch(&client, epoch)).await?;
-        with_timeout(client.batch_execute(&format!("LISTEN {STAGED_CHANNEL}"))).await?;
+        with_timeout(db::listen(&client, STAGED_CHANNEL)).await?;
         let queries = with_timeout(SequencerQueries::prepare(&client)).await?;
         self.health.leader.store(true, Ordering::Release);
         self.metrics.sequencer_leader.store(1, Ordering::Relaxed);

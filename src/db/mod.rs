@@ -210,6 +210,20 @@ pub async fn connect(
     Ok(client)
 }
 
+/// Subscribes `client`'s session to the NOTIFY `channel`: one of the channel constants of this
+/// module tree ([`sequencer::BATCH_CHANNEL`], [`sequencer::STAGED_CHANNEL`],
+/// [`keys::CHANGES_CHANNEL`]), which are plain identifiers and are not quoted.
+pub async fn listen(client: &tokio_postgres::Client, channel: &'static str) -> Result<(), DbError> {
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    Ok(())
+}
+
+/// One round trip that proves the connection alive.
+pub async fn ping(client: &tokio_postgres::Client) -> Result<(), DbError> {
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
 /// Checks a tenant slug's syntax (the `tenants.slug` CHECK constraint) without a query.
 pub fn is_valid_tenant_slug(s: &str) -> bool {
     (1..=63).contains(&s.len())
