@@ -22,6 +22,7 @@ mod restart;
 mod resume;
 mod security;
 mod status_page;
+mod structure;
 mod tail;
 mod websocket;
 mod write_path;
