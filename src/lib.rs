@@ -26,9 +26,11 @@
 //! - [`activity`]: recent events and rates for the status page (in memory, bounded).
 //! - [`server`]: wires everything together and runs until shutdown.
 //! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
+//! - [`cli`]: the subcommands behind the binary, and everything they print.
 
 pub mod activity;
 pub mod alert;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod event;
