@@ -72,7 +72,7 @@ async fn the_documented_javascript_client_resumes_with_since() {
     for p in 1..=3 {
         insert_loyalty(&c, "kitchen", p).await;
     }
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let addr = server.addr;
 
     // A refused key: one clear message, exit 1, no reconnect loop.
@@ -98,7 +98,7 @@ async fn the_documented_javascript_client_resumes_with_since() {
     server.stop().await;
     pos.expect_stderr("closed (1001)").await;
     insert_loyalty(&c, "kitchen", 5).await;
-    let server = TestServer::start_at(&db, addr, |_| {}).await;
+    let server = TestServer::builder(&db).bind(addr).start().await;
     let ev = pos.next_event().await;
     assert_eq!(ev["id"], 5, "{ev}");
     pos.expect_stderr("?since=4").await;
