@@ -9,6 +9,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Shortest `--broadcast-token` accepted: a shorter shared secret is guessable by brute force.
 pub const MIN_BROADCAST_TOKEN_LEN: usize = 16;
+/// Where `serve` listens: every interface, on the port of the WebSocket server it replaces, so
+/// the web app's /broadcast calls need no change.
+pub const LISTEN: &str = "0.0.0.0:9011";
+/// How long events stay replayable (`serve --retention`, `prune --older-than`): a POS that was
+/// off for a night still resumes without a refetch.
+pub const RETENTION: &str = "24h";
+/// Where `tail` connects: a service on this machine.
+pub const TAIL_URL: &str = "ws://127.0.0.1:9011";
 
 /// `orderpush`: pushes Postgres changes to POS terminals over WebSocket.
 #[derive(Debug, Parser)]
@@ -79,14 +87,14 @@ pub struct ServeArgs {
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Address for HTTP and WebSocket.
-    #[arg(long, env = "ORDERPUSH_LISTEN", default_value = "0.0.0.0:9011")]
+    #[arg(long, env = "ORDERPUSH_LISTEN", default_value = LISTEN)]
     pub listen: SocketAddr,
     /// Bearer token required by POST /broadcast; without it only local callers may broadcast
     /// (loopback, not through a proxy, with a local Host).
     #[arg(long, env = "ORDERPUSH_BROADCAST_TOKEN", value_parser = parse_token, hide_env_values = true)]
     pub broadcast_token: Option<String>,
     /// How long events stay replayable (e.g. 90s, 30m, 24h, 7d).
-    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = RETENTION, value_parser = parse_duration)]
     pub retention: Duration,
     /// Bearer token for /admin/* and /status; without it only local callers may use them.
     #[arg(long, env = "ORDERPUSH_ADMIN_TOKEN", value_parser = parse_token, hide_env_values = true)]
@@ -184,7 +192,7 @@ pub struct UninstallArgs {
 #[derive(Debug, Args)]
 pub struct TailArgs {
     /// The service's WebSocket address, e.g. ws://127.0.0.1:9011.
-    #[arg(long, env = "ORDERPUSH_URL", default_value = "ws://127.0.0.1:9011")]
+    #[arg(long, env = "ORDERPUSH_URL", default_value = TAIL_URL)]
     pub url: String,
     /// The tenant whose events to print.
     #[arg(long)]
@@ -243,7 +251,7 @@ pub struct PruneArgs {
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Delete events older than this (e.g. 24h).
-    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = RETENTION, value_parser = parse_duration)]
     pub older_than: Duration,
 }
 
@@ -490,6 +498,13 @@ mod tests {
             let e = parse_cap(bad).unwrap_err();
             assert!(e.contains("at least 1"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_text_defaults_parse() {
+        assert!(LISTEN.parse::<SocketAddr>().is_ok());
+        assert_eq!(parse_duration(RETENTION), Ok(Duration::from_secs(86_400)));
+        assert!(TAIL_URL.starts_with("ws://"));
     }
 
     #[test]
