@@ -1,5 +1,6 @@
 //! The command line and configuration: one clap struct per subcommand, every flag with an
-//! environment-variable fallback (contract §1), plus the server's tunables.
+//! environment-variable fallback (docs/configuration.md), plus the server's tunables and every default
+//! value (this module imports nothing from the crate: every other module may read it).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,6 +9,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Shortest `--broadcast-token` accepted: a shorter shared secret is guessable by brute force.
 pub const MIN_BROADCAST_TOKEN_LEN: usize = 16;
+/// Where `serve` listens: every interface, on the port of the WebSocket server it replaces, so
+/// the web app's /broadcast calls need no change.
+pub const LISTEN: &str = "0.0.0.0:9011";
+/// How long events stay replayable (`serve --retention`, `prune --older-than`): a POS that was
+/// off for a night still resumes without a refetch.
+pub const RETENTION: &str = "24h";
+/// Where `tail` connects: a service on this machine.
+pub const TAIL_URL: &str = "ws://127.0.0.1:9011";
 
 /// `orderpush`: pushes Postgres changes to POS terminals over WebSocket.
 #[derive(Debug, Parser)]
@@ -78,14 +87,14 @@ pub struct ServeArgs {
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Address for HTTP and WebSocket.
-    #[arg(long, env = "ORDERPUSH_LISTEN", default_value = "0.0.0.0:9011")]
+    #[arg(long, env = "ORDERPUSH_LISTEN", default_value = LISTEN)]
     pub listen: SocketAddr,
     /// Bearer token required by POST /broadcast; without it only local callers may broadcast
     /// (loopback, not through a proxy, with a local Host).
     #[arg(long, env = "ORDERPUSH_BROADCAST_TOKEN", value_parser = parse_token, hide_env_values = true)]
     pub broadcast_token: Option<String>,
     /// How long events stay replayable (e.g. 90s, 30m, 24h, 7d).
-    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = RETENTION, value_parser = parse_duration)]
     pub retention: Duration,
     /// Bearer token for /admin/* and /status; without it only local callers may use them.
     #[arg(long, env = "ORDERPUSH_ADMIN_TOKEN", value_parser = parse_token, hide_env_values = true)]
@@ -96,20 +105,20 @@ pub struct ServeArgs {
     /// Failed authentications one client address may make per minute before its bad credentials
     /// are answered 429 for a minute (valid ones still pass); 0 turns the limit off (e.g. behind
     /// a proxy that hides client addresses).
-    #[arg(long, env = "ORDERPUSH_AUTH_FAILURE_LIMIT", default_value_t = crate::http::auth::AUTH_FAILURE_LIMIT)]
+    #[arg(long, env = "ORDERPUSH_AUTH_FAILURE_LIMIT", default_value_t = AUTH_FAILURE_LIMIT)]
     pub auth_failure_limit: u32,
     /// WebSocket connections this instance holds at most; past it an upgrade is answered 503
     /// with Retry-After (at least 1).
     #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS", value_parser = parse_cap,
-          default_value_t = crate::http::limits::MAX_CONNECTIONS)]
+          default_value_t = MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// WebSocket connections one API key may hold at once on this instance (at least 1).
     #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS_PER_KEY", value_parser = parse_cap,
-          default_value_t = crate::http::limits::MAX_CONNECTIONS_PER_KEY)]
+          default_value_t = MAX_CONNECTIONS_PER_KEY)]
     pub max_connections_per_key: usize,
     /// WebSocket connections one tenant may hold at once on this instance (at least 1).
     #[arg(long, env = "ORDERPUSH_MAX_CONNECTIONS_PER_TENANT", value_parser = parse_cap,
-          default_value_t = crate::http::limits::MAX_CONNECTIONS_PER_TENANT)]
+          default_value_t = MAX_CONNECTIONS_PER_TENANT)]
     pub max_connections_per_tenant: usize,
     /// Open orders sent at most for `?snapshot=open`; past it `snapshot_end` says
     /// `"complete": false` (at least 1).
@@ -151,10 +160,10 @@ pub struct MigrateArgs {
     pub single_transaction: bool,
     /// How long one DDL statement may wait for a table lock before the attempt fails.
     #[arg(long, env = "ORDERPUSH_MIGRATE_LOCK_TIMEOUT", value_parser = parse_duration,
-          default_value = "5s")]
+          default_value = MIGRATE_LOCK_TIMEOUT_TEXT)]
     pub lock_timeout: Duration,
     /// Attempts when a lock cannot be had in time (1 = no retry), with a growing pause between.
-    #[arg(long, env = "ORDERPUSH_MIGRATE_ATTEMPTS", default_value_t = crate::db::migrate::LOCK_ATTEMPTS,
+    #[arg(long, env = "ORDERPUSH_MIGRATE_ATTEMPTS", default_value_t = MIGRATE_LOCK_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..=MAX_MIGRATE_ATTEMPTS as i64))]
     pub attempts: u32,
     /// Apply migrations up to and including this version only.
@@ -203,7 +212,7 @@ pub struct UninstallArgs {
 #[derive(Debug, Args)]
 pub struct TailArgs {
     /// The service's WebSocket address, e.g. ws://127.0.0.1:9011.
-    #[arg(long, env = "ORDERPUSH_URL", default_value = "ws://127.0.0.1:9011")]
+    #[arg(long, env = "ORDERPUSH_URL", default_value = TAIL_URL)]
     pub url: String,
     /// The tenant whose events to print.
     #[arg(long)]
@@ -272,7 +281,7 @@ pub struct PruneArgs {
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Delete events older than this (e.g. 24h).
-    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "ORDERPUSH_RETENTION", default_value = RETENTION, value_parser = parse_duration)]
     pub older_than: Duration,
 }
 
@@ -354,14 +363,14 @@ pub struct Tuning {
     pub client_queue_frames: usize,
     /// How often every cached and connected key is re-checked for revocation: the safety net
     /// behind the key-change notifications (contract: closed within 5 s). Must stay well under
-    /// [`crate::http::auth::REVOCATION_FRESHNESS`], since these checks keep the cache trusted.
+    /// the key cache's `REVOCATION_FRESHNESS` (10 s), since these checks keep the cache trusted.
     pub revocation_check_interval: Duration,
     /// How often retention runs in `serve`.
     pub prune_interval: Duration,
     /// How often this instance writes its presence (heartbeat and connections) to the database.
     pub presence_interval: Duration,
     /// Failed authentications one address may make per minute before it is answered 429
-    /// (0 = no limit); see [`crate::http::auth::AUTH_FAILURE_LIMIT`].
+    /// (0 = no limit); see [`AUTH_FAILURE_LIMIT`].
     pub auth_failure_limit: u32,
     /// How long an address over that limit is answered 429.
     pub auth_cooldown: Duration,
@@ -375,12 +384,11 @@ pub struct Tuning {
     /// Bytes of order frames a snapshot sends at most.
     pub snapshot_max_bytes: usize,
     /// How long a client may take to send a request's headers, from its first byte (from the
-    /// accept for a new connection); see [`crate::http::serve::HEADER_READ_TIMEOUT`].
+    /// accept for a new connection); see [`HEADER_READ_TIMEOUT`].
     pub http_header_timeout: Duration,
-    /// How long a keep-alive connection may sit idle between requests; see
-    /// [`crate::http::serve::IDLE_TIMEOUT`].
+    /// How long a keep-alive connection may sit idle between requests; see [`IDLE_TIMEOUT`].
     pub http_idle_timeout: Duration,
-    /// WebSocket connections this instance holds at most ([`crate::http::limits`]).
+    /// WebSocket connections this instance holds at most (enforced by `http::limits`).
     pub max_connections: usize,
     /// WebSocket connections one API key may hold at once.
     pub max_connections_per_key: usize,
@@ -411,6 +419,75 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 /// writer cannot act on.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often an instance writes its heartbeat and its connections' changes: one transaction per
+/// instance per interval, however many frames flow. 2 s keeps the admin view and the
+/// undelivered alert at most a few seconds behind.
+pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(2);
+/// Failed authentications (401 or 403 for bad credentials on `/ws/pos/...`, `/broadcast`,
+/// `/admin/...` and `/status...`) one address may make within a minute (`http::auth::AUTH_FAILURE_WINDOW`) before
+/// its further failures are answered 429 for the cooling-off period. Keys are 256-bit random,
+/// so the limit is not what makes guessing hopeless; it bounds the database lookups and log
+/// lines a scanner costs. 50 a minute is far above what a misconfigured POS reconnecting with
+/// any sane backoff (≥ 2 s) produces. Override with `--auth-failure-limit` (0 turns the limiter
+/// off, e.g. behind a proxy that makes every client one address).
+pub const AUTH_FAILURE_LIMIT: u32 = 50;
+/// How long an address that hit the limit has its bad credentials answered 429 (with
+/// `Retry-After`): long enough to make scanning pointless, short enough that a till fixed by a
+/// human is not refused for long. Valid credentials are never refused by it.
+pub const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
+/// Longest replay a socket performs from the event log. A POS that is further behind gets
+/// `resync_required` (`replay_too_long`) and refetches over REST, which is cheaper for both
+/// sides than 100,000 frames (about 100 MB of typical orders) through one socket; days of a
+/// busy restaurant's events still replay.
+pub const MAX_REPLAY_ROWS: i64 = 100_000;
+/// How long a client may take to send a request's headers, counted from the request's first
+/// byte (from the accept, for a new connection's first request). Real clients send a head in
+/// one packet, within milliseconds; 10 s still covers retransmissions on a bad mobile link,
+/// while a client that holds connections open by trickling headers (slowloris) loses each one
+/// after 10 s instead of never. (hyper's default would be 30 s, nginx's 60 s: both let one
+/// client hold many more connections for the same effort.)
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a keep-alive connection may sit idle between requests before it is closed. Reusing
+/// a connection saves the web app's /broadcast client and a metrics scraper a handshake per
+/// request, and 60 s covers the usual scrape intervals (15-60 s); past that an idle connection
+/// only holds a socket and a task. It matches the idle timeouts that proxies and load balancers
+/// default to (nginx, cloud load balancers: 60 s): set a proxy's upstream idle timeout below
+/// it, so the proxy closes first and never sends a request on a connection being closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// WebSocket connections one instance holds at most. The service is sized and benchmarked for
+/// 10,000 terminals at about 4 KiB each while idle (docs/benchmarks.md); 50,000 leaves room for
+/// a fleet failing over from other instances, yet bounds what a flood of connections with valid
+/// keys can take (≈ 200 MiB and 50,000 file descriptors) before the process itself suffers.
+pub const MAX_CONNECTIONS: usize = 50_000;
+
+/// WebSocket connections one API key may hold at once. A key belongs to one terminal
+/// (docs/protocol.md), which needs one socket; but a till that loses its network reconnects
+/// while the server still holds its old socket until the dead-peer deadline (60 s) drops it,
+/// and a flaky link can do that twice within that minute. 4 covers those reconnects (and an
+/// operator's `orderpush tail` with the same key), while a leaked key or a client stuck in a
+/// reconnect loop cannot open thousands.
+pub const MAX_CONNECTIONS_PER_KEY: usize = 4;
+
+/// WebSocket connections one tenant may hold at once. The largest restaurant groups run a few
+/// hundred terminals; 2,000 is several times that, reconnect overlap included, while no single
+/// tenant (a misconfigured fleet, a set of leaked keys) can take more than 4 % of an instance's
+/// [`MAX_CONNECTIONS`] away from everyone else.
+pub const MAX_CONNECTIONS_PER_TENANT: usize = 2_000;
+
+/// How long one DDL statement may wait for a table lock. While `CREATE TRIGGER` waits for a
+/// lock on `orders`, every application write to `orders` queues behind it; 5 s is longer than
+/// any healthy web-app transaction yet short enough that a stalled till sees a blip, not an
+/// outage.
+pub const MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// [`MIGRATE_LOCK_TIMEOUT`] as `--lock-timeout` shows and parses it.
+pub const MIGRATE_LOCK_TIMEOUT_TEXT: &str = "5s";
+/// Attempts before `migrate` gives up on a lock: five tries spread over about half a minute
+/// outlast an ordinary burst, and still fail a deploy quickly when a session holds a lock for
+/// good (an idle-in-transaction connection) and a human must step in.
+pub const MIGRATE_LOCK_ATTEMPTS: u32 = 5;
+
 impl Default for Tuning {
     fn default() -> Self {
         Self {
@@ -420,16 +497,16 @@ impl Default for Tuning {
             client_queue_frames: CLIENT_QUEUE_FRAMES,
             revocation_check_interval: REVOCATION_CHECK_INTERVAL,
             prune_interval: PRUNE_INTERVAL,
-            presence_interval: crate::presence::FLUSH_INTERVAL,
-            auth_failure_limit: crate::http::auth::AUTH_FAILURE_LIMIT,
-            auth_cooldown: crate::http::auth::AUTH_COOLDOWN,
+            presence_interval: PRESENCE_INTERVAL,
+            auth_failure_limit: AUTH_FAILURE_LIMIT,
+            auth_cooldown: AUTH_COOLDOWN,
             drain_timeout: DRAIN_TIMEOUT,
-            max_replay_rows: crate::http::ws::MAX_REPLAY_ROWS,
-            http_header_timeout: crate::http::serve::HEADER_READ_TIMEOUT,
-            http_idle_timeout: crate::http::serve::IDLE_TIMEOUT,
-            max_connections: crate::http::limits::MAX_CONNECTIONS,
-            max_connections_per_key: crate::http::limits::MAX_CONNECTIONS_PER_KEY,
-            max_connections_per_tenant: crate::http::limits::MAX_CONNECTIONS_PER_TENANT,
+            max_replay_rows: MAX_REPLAY_ROWS,
+            http_header_timeout: HEADER_READ_TIMEOUT,
+            http_idle_timeout: IDLE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+            max_connections_per_key: MAX_CONNECTIONS_PER_KEY,
+            max_connections_per_tenant: MAX_CONNECTIONS_PER_TENANT,
             snapshot_max_orders: SNAPSHOT_MAX_ORDERS,
             snapshot_max_bytes: SNAPSHOT_MAX_BYTES,
         }
@@ -468,6 +545,21 @@ mod tests {
             let e = parse_cap(bad).unwrap_err();
             assert!(e.contains("at least 1"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_text_defaults_parse() {
+        assert!(LISTEN.parse::<SocketAddr>().is_ok());
+        assert_eq!(parse_duration(RETENTION), Ok(Duration::from_secs(86_400)));
+        assert!(TAIL_URL.starts_with("ws://"));
+    }
+
+    #[test]
+    fn the_lock_timeout_flag_defaults_to_the_named_constant() {
+        assert_eq!(
+            parse_duration(MIGRATE_LOCK_TIMEOUT_TEXT),
+            Ok(MIGRATE_LOCK_TIMEOUT)
+        );
     }
 
     #[test]

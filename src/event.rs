@@ -41,6 +41,9 @@ pub fn snapshot_end(tenant: &str, id: i64, complete: bool) -> String {
     out.push_str(&format!(r#","id":{id},"complete":{complete}}}"#));
     out
 }
+/// The type of the marker event (id 0) that starts a tenant's log over, written by the
+/// sequencer when a tenant is deleted and created again under its slug. Never sent to a POS.
+pub const TENANT_RESET: &str = "orderpush.tenant_reset";
 
 /// Why a POS is told to refetch its state (`resync_required`'s `data.reason`, docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,15 +16,14 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::activity::Activity;
+use crate::alert::UndeliveredAlert;
 use crate::db::events::{FollowQueries, LogPosition, LogState};
 use crate::db::sequencer::BATCH_CHANNEL;
+use crate::db::wakeup::{ModeQuery, WakeupMode};
 use crate::db::{self, DbError};
-use crate::event::Event;
+use crate::event::{Event, TENANT_RESET};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
-use crate::presence::Presence;
-use crate::sequencer::TENANT_RESET;
 
 /// First reconnect delay: a killed backend is usually replaceable at once.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -40,62 +39,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the listener re-reads the database's `orderpush.wakeup` (the sequencer paces its
 /// reads by it) and checks that staged rows are being numbered.
 const MODE_RECHECK: Duration = Duration::from_secs(2);
-/// The database-level `orderpush.wakeup` (what new sessions get), or NULL when unset.
-const MODE_SQL: &str = "SELECT (SELECT substr(c, length('orderpush.wakeup=') + 1)
-       FROM pg_db_role_setting s, unnest(s.setconfig) AS c
-       WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-         AND s.setrole = 0 AND c LIKE 'orderpush.wakeup=%')";
 /// /readyz turns 503 when the listener has not completed a read for this long (docs/protocol.md:
 /// noticed within 10 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(8);
 /// /readyz turns 503 when a staged row has waited this long: no sequencer is numbering.
 pub const SEQUENCER_STALL: Duration = Duration::from_secs(10);
-/// At most one "no POS connected" warning per tenant per this interval.
-const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
-
-/// How the triggers wake the sequencer (`ALTER DATABASE ... SET orderpush.wakeup`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WakeupMode {
-    /// Every staging transaction notifies.
-    Notify,
-    /// One in-flight transaction at a time notifies; the sequencer re-reads and polls.
-    Gated,
-    /// No NOTIFY; the sequencer polls.
-    Poll,
-}
-
-impl WakeupMode {
-    fn parse(s: Option<&str>) -> Self {
-        match s {
-            Some("notify") => WakeupMode::Notify,
-            Some("poll") => WakeupMode::Poll,
-            // The default, as in orderpush.stage(): gated.
-            _ => WakeupMode::Gated,
-        }
-    }
-
-    /// How often the sequencer polls the staging table in this mode (its safety net): rarely
-    /// when every commit notifies, often when none does.
-    pub fn poll_interval(self) -> Duration {
-        match self {
-            WakeupMode::Notify => Duration::from_secs(1),
-            // Bounds the delay of a commit whose wake-up was skipped and which committed after
-            // the follow-up read.
-            WakeupMode::Gated => Duration::from_millis(100),
-            // The delivery latency a DBA accepts for a database without NOTIFY.
-            WakeupMode::Poll => Duration::from_millis(10),
-        }
-    }
-
-    /// The name a DBA sets and sees.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WakeupMode::Notify => "notify",
-            WakeupMode::Gated => "gated",
-            WakeupMode::Poll => "poll",
-        }
-    }
-}
 
 /// The listener's state as /readyz and the status page see it.
 #[derive(Debug)]
@@ -241,12 +189,9 @@ pub struct Listener {
     epoch: Option<i64>,
     /// Per tenant, the last id handed to the hub, to notice holes and rewinds.
     last_ids: HashMap<Arc<str>, i64>,
-    last_undelivered_warning: HashMap<Arc<str>, Instant>,
-    /// Where other instances' terminals are known (the undelivered alert); `None` = only this
-    /// instance's sockets count.
-    presence: Option<Arc<Presence>>,
-    /// The status page's record of recent events.
-    activity: Option<Arc<Activity>>,
+    /// What follows each hand-off: delivery logs, the status page's record, the undelivered
+    /// alert.
+    alert: UndeliveredAlert,
     /// /broadcast requests waiting for their ids.
     waiters: Arc<NumberedWaiters>,
 }
@@ -278,7 +223,7 @@ impl Listener {
         Self {
             config: db::with_defaults(config, "orderpush-listener"),
             hub,
-            metrics,
+            metrics: Arc::clone(&metrics),
             health,
             position: LogPosition::after_batch(start.batch),
             epoch: None,
@@ -287,18 +232,15 @@ impl Listener {
                 .into_iter()
                 .map(|(t, seq)| (Arc::from(t), seq))
                 .collect(),
-            last_undelivered_warning: HashMap::new(),
-            presence: None,
-            activity: None,
+            alert: UndeliveredAlert::new(Arc::clone(&metrics)),
             waiters,
         }
     }
 
-    /// Makes the undelivered alert cluster-wide (a terminal on another instance counts, and one
-    /// instance reports) and records events for the status page.
-    pub fn with_presence(mut self, presence: Arc<Presence>, activity: Arc<Activity>) -> Self {
-        self.presence = Some(presence);
-        self.activity = Some(activity);
+    /// Replaces the default alert (this instance's sockets only, no status-page record), e.g.
+    /// with a cluster-wide one ([`UndeliveredAlert::cluster_wide`]).
+    pub fn with_alert(mut self, alert: UndeliveredAlert) -> Self {
+        self.alert = alert;
         self
     }
 
@@ -354,8 +296,8 @@ impl Listener {
 
         // LISTEN first, then read: a batch committed in between is seen by the read, and its
         // announcement only causes one extra (empty) read.
-        with_timeout(client.batch_execute(&format!("LISTEN {BATCH_CHANNEL}"))).await?;
-        let mode_query = with_timeout(client.prepare(MODE_SQL)).await?;
+        with_timeout(db::listen(&client, BATCH_CHANNEL)).await?;
+        let mode_query = with_timeout(ModeQuery::prepare(&client)).await?;
         let queries = with_timeout(FollowQueries::prepare(&client)).await?;
         self.check(&client, &mode_query, &queries).await?;
         self.metrics
@@ -390,14 +332,10 @@ impl Listener {
     async fn check(
         &self,
         client: &tokio_postgres::Client,
-        mode_query: &tokio_postgres::Statement,
+        mode_query: &ModeQuery,
         queries: &FollowQueries,
     ) -> Result<(), DbError> {
-        let mode = WakeupMode::parse(
-            with_timeout(client.query_one(mode_query, &[]))
-                .await?
-                .get::<_, Option<&str>>(0),
-        );
+        let mode = with_timeout(mode_query.read(client)).await?;
         if self.health.mode() != Some(mode) {
             info!(mode = mode.as_str(), "wake-up mode");
             self.health.set_mode(mode);
@@ -529,81 +467,7 @@ impl Listener {
         );
         let frame = Frame::event(event.id, &event.kind, &event.to_frame(), event.emitted_at);
         let delivery = self.hub.publish(&event.tenant, &frame).await;
-        let here = delivery.sent + delivery.failed;
-        // Another instance's terminal counts as delivered; without a fresh presence view
-        // (database trouble) only this instance's sockets can be known.
-        let elsewhere = self
-            .presence
-            .as_ref()
-            .and_then(|p| p.connected_elsewhere(&event.tenant));
-        let undelivered = here == 0 && elsewhere != Some(true);
-        if let Some(activity) = &self.activity {
-            activity.record(&event, delivery.sent, undelivered);
-        }
-        if here == 0 && elsewhere == Some(true) {
-            // Its terminals are on other instances, which log the delivery: no noise here.
-            debug!(tenant = %event.tenant, "no local connections for tenant: {}", event.tenant);
-        } else if here == 0 {
-            info!(tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
-        } else {
-            info!(
-                tenant = %event.tenant, event_type = %event.kind, id = event.id,
-                "event '{}' sent to {} clients for tenant: {} ({} failed)",
-                event.kind, delivery.sent, event.tenant, delivery.failed
-            );
-        }
-        // Every instance reads every event: one of them reports, so an event is warned about
-        // and counted once, not once per instance.
-        if undelivered && self.presence.as_ref().is_none_or(|p| p.is_reporter()) {
-            self.metrics.undelivered(&event.kind);
-            self.warn_undelivered(&event, elsewhere.is_some());
-        }
-    }
-
-    /// WARN once per tenant per [`UNDELIVERED_WARN_INTERVAL`] for orders, and separately for
-    /// other events, so an order is never hidden behind an earlier loyalty warning.
-    fn warn_undelivered(&mut self, event: &Event, cluster_wide: bool) {
-        let now = Instant::now();
-        let is_order = event.kind == "new_order";
-        let key: Arc<str> = if is_order {
-            Arc::clone(&event.tenant)
-        } else {
-            Arc::from(format!("{}\0other", event.tenant))
-        };
-        let last = self.last_undelivered_warning.get(&key);
-        if last.is_some_and(|t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL) {
-            return;
-        }
-        // Bounded by tenants with recent warnings: older entries no longer suppress anything.
-        self.last_undelivered_warning
-            .retain(|_, t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL);
-        self.last_undelivered_warning.insert(key, now);
-        let scope = if cluster_wide {
-            "no POS connected"
-        } else {
-            "no POS connected to this instance (presence unavailable)"
-        };
-        if is_order {
-            let number = serde_json::from_str::<serde_json::Value>(&event.data)
-                .ok()
-                .and_then(|d| {
-                    d.get("orderNumber")
-                        .and_then(|n| n.as_str())
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| "?".into());
-            // Escaped: an order number is the application's data and must not forge log lines.
-            let number = number.escape_debug();
-            warn!(
-                tenant = %event.tenant, id = event.id,
-                "order {number} for tenant {}: {scope}", event.tenant
-            );
-        } else {
-            warn!(
-                tenant = %event.tenant, id = event.id, event_type = %event.kind,
-                "event {} (id {}) for tenant {}: {scope}", event.kind, event.id, event.tenant
-            );
-        }
+        self.alert.published(&event, delivery.sent, delivery.failed);
     }
 }
 

@@ -4,6 +4,8 @@
 //! sockets close with 1008 at once. It tells the key cache whether revocation can be checked,
 //! so that while the database is unreachable unverifiable keys get 503 rather than a guess.
 
+pub mod key_cache;
+
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -13,10 +15,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::time::{MissedTickBehavior, sleep, timeout};
 use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::db::{self, DbError, keys};
-use crate::http::AppState;
+use crate::hub::Hub;
+use key_cache::KeyCache;
 
 /// The watcher's `application_name`, to find its connection in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "orderpush-revocation";
@@ -31,14 +35,28 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// thousands of keys deleted) is handled by one full check instead of per id.
 const NOTIFICATION_QUEUE: usize = 1024;
 
-/// Runs until the server's shutdown token is cancelled: connect, LISTEN, check everything once,
-/// then act on each notification and re-check on `tuning.revocation_check_interval`; on any
-/// failure, back off (100 ms doubling to 5 s) and start over.
+/// What the watcher keeps honest.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// The key cache: changed keys leave it, and it learns whether revocation can be checked.
+    pub keys: Arc<KeyCache>,
+    /// The sockets: those of changed keys are closed.
+    pub hub: Arc<Hub>,
+    /// How often every cached and connected key is re-checked
+    /// (`Tuning::revocation_check_interval`).
+    pub check_interval: Duration,
+    /// Cancelled when the server shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs until the shutdown token is cancelled: connect, LISTEN, check everything once, then act
+/// on each notification and re-check every `check_interval`; on any failure, back off (100 ms
+/// doubling to 5 s) and start over.
 ///
 /// Start it once per server, before serving (it needs the database config, not the pool: the
 /// check must get its connection even when the request pool is exhausted, and pooled
 /// connections drop notifications).
-pub async fn run(state: AppState, database: tokio_postgres::Config) {
+pub async fn run(state: Watched, database: tokio_postgres::Config) {
     let config = db::with_defaults(&database, APPLICATION_NAME);
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -59,7 +77,7 @@ pub async fn run(state: AppState, database: tokio_postgres::Config) {
                 retry_in = ?backoff,
                 "revocation watcher lost its database connection; reconnecting (meanwhile keys not \
                  verified in the last {}s are answered 503)",
-                crate::http::auth::REVOCATION_FRESHNESS.as_secs()
+                key_cache::REVOCATION_FRESHNESS.as_secs()
             ),
         }
         tokio::select! {
@@ -81,7 +99,7 @@ impl Drop for AbortOnDrop {
 
 /// One connection's life. Returns Ok only on shutdown.
 async fn watch(
-    state: &AppState,
+    state: &Watched,
     config: &tokio_postgres::Config,
     reached_live: &mut bool,
 ) -> Result<(), DbError> {
@@ -109,19 +127,16 @@ async fn watch(
             }
         }
     }));
-    timeout(
-        QUERY_TIMEOUT,
-        client.batch_execute(&format!("LISTEN {}", keys::CHANGES_CHANNEL)),
-    )
-    .await
-    .map_err(|_| DbError::Timeout)??;
+    timeout(QUERY_TIMEOUT, db::listen(&client, keys::CHANGES_CHANNEL))
+        .await
+        .map_err(|_| DbError::Timeout)??;
     // From here on every committed change is notified to this connection.
     let live_since = Instant::now();
     full_check(state, &client, live_since).await?;
     *reached_live = true;
     debug!("revocation watcher listening for key changes");
 
-    let interval = state.tuning.revocation_check_interval;
+    let interval = state.check_interval;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -155,7 +170,7 @@ async fn watch(
 /// Acts on notified key ids: asks where each key stands now, drops it from the cache unless it
 /// still holds, and closes its sockets on tenants it may no longer read.
 async fn notified(
-    state: &AppState,
+    state: &Watched,
     client: &tokio_postgres::Client,
     mut ids: Vec<String>,
     live_since: Instant,
@@ -182,7 +197,7 @@ async fn notified(
 
 /// Re-checks every key in the cache or on a socket here; with none, proves the connection alive.
 async fn full_check(
-    state: &AppState,
+    state: &Watched,
     client: &tokio_postgres::Client,
     live_since: Instant,
 ) -> Result<(), DbError> {
@@ -200,7 +215,7 @@ async fn full_check(
         );
     }
     if ids.is_empty() {
-        timeout(QUERY_TIMEOUT, client.simple_query("SELECT 1"))
+        timeout(QUERY_TIMEOUT, db::ping(client))
             .await
             .map_err(|_| DbError::Timeout)??;
     }
@@ -211,7 +226,7 @@ async fn full_check(
 /// Applies what the database said at `checked_at` to the key cache and the sockets, and records
 /// the successful check.
 fn apply(
-    state: &AppState,
+    state: &Watched,
     states: &[(String, Option<String>)],
     checked_at: Instant,
     live_since: Instant,

@@ -25,9 +25,9 @@ use tracing::{debug, info, warn};
 use crate::db::sequencer::{
     Batch, CurrentOrder, NewEvent, STAGED_CHANNEL, SequencerQueries, StagedRow, TenantState,
 };
+use crate::db::wakeup::WakeupMode;
 use crate::db::{self, DbError};
-use crate::event::{self, ResyncReason};
-use crate::listener::{ListenerHealth, WakeupMode};
+use crate::event::{self, ResyncReason, TENANT_RESET};
 use crate::metrics::Metrics;
 use render::FieldMap;
 
@@ -78,12 +78,16 @@ impl SequencerHealth {
     }
 }
 
+/// The wake-up mode as last read from the database (the listener reads it), `None` before the
+/// first read.
+pub type ModeSource = Box<dyn Fn() -> Option<WakeupMode> + Send + Sync>;
+
 /// Numbers staged rows while elected.
 pub struct Sequencer {
     config: tokio_postgres::Config,
     metrics: Arc<Metrics>,
     health: Arc<SequencerHealth>,
-    listener: Arc<ListenerHealth>,
+    mode: ModeSource,
 }
 
 /// Aborts the connection-driver task when the sequencer lets go of a connection.
@@ -97,18 +101,20 @@ impl Drop for AbortOnDrop {
 
 impl Sequencer {
     /// A sequencer on its own connection built from `config` (a session holds the election
-    /// lock; pooled connections could not). It reads the wake-up mode the listener keeps.
+    /// lock; pooled connections could not). It paces its reads by the wake-up mode `mode`
+    /// reports (the listener re-reads the database's setting; the sequencer does not repeat
+    /// that query).
     pub fn new(
         config: &tokio_postgres::Config,
         metrics: Arc<Metrics>,
         health: Arc<SequencerHealth>,
-        listener: Arc<ListenerHealth>,
+        mode: impl Fn() -> Option<WakeupMode> + Send + Sync + 'static,
     ) -> Self {
         Self {
             config: db::with_defaults(config, "orderpush-sequencer"),
             metrics,
             health,
-            listener,
+            mode: Box::new(mode),
         }
     }
 
@@ -174,7 +180,7 @@ impl Sequencer {
         }
         let epoch = random_epoch();
         let last = with_timeout(db::sequencer::start_epoch(&client, epoch)).await?;
-        with_timeout(client.batch_execute(&format!("LISTEN {STAGED_CHANNEL}"))).await?;
+        with_timeout(db::listen(&client, STAGED_CHANNEL)).await?;
         let queries = with_timeout(SequencerQueries::prepare(&client)).await?;
         self.health.leader.store(true, Ordering::Release);
         self.metrics.sequencer_leader.store(1, Ordering::Relaxed);
@@ -184,8 +190,8 @@ impl Sequencer {
             "sequencer: elected; numbering staged rows"
         );
 
-        let mut mode = self.listener.mode().unwrap_or(WakeupMode::Gated);
-        let mut poll = tokio::time::interval(mode.poll_interval());
+        let mut mode = (self.mode)().unwrap_or(WakeupMode::Gated);
+        let mut poll = tokio::time::interval(poll_interval(mode));
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut next_read: Option<tokio::time::Instant> = None;
         let mut not_before = tokio::time::Instant::now();
@@ -221,10 +227,10 @@ impl Sequencer {
                 deleted_since_vacuum = 0;
                 last_vacuum = Instant::now();
             }
-            let current = self.listener.mode().unwrap_or(WakeupMode::Gated);
+            let current = (self.mode)().unwrap_or(WakeupMode::Gated);
             if current != mode {
                 mode = current;
-                poll = tokio::time::interval(mode.poll_interval());
+                poll = tokio::time::interval(poll_interval(mode));
                 poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
             }
             let now = tokio::time::Instant::now();
@@ -536,9 +542,6 @@ fn number(
     batch
 }
 
-/// The type of the marker event (id 0) that starts a tenant's log over. Never sent to a POS.
-pub const TENANT_RESET: &str = "orderpush.tenant_reset";
-
 /// The event that stands in for a write that could not become one: its tenant's POS refetch.
 fn emit_failed(now: &str) -> (String, String, (String, bool), &'static str) {
     let data = serde_json::json!({ "reason": ResyncReason::EmitFailed.as_str() }).to_string();
@@ -651,6 +654,19 @@ fn random_epoch() -> i64 {
         return nanos as i64;
     }
     i64::from_le_bytes(buf)
+}
+
+/// How often the sequencer polls the staging table in `mode` (its safety net): rarely when
+/// every commit notifies, often when none does.
+fn poll_interval(mode: WakeupMode) -> Duration {
+    match mode {
+        WakeupMode::Notify => Duration::from_secs(1),
+        // Bounds the delay of a commit whose wake-up was skipped and which committed after the
+        // follow-up read.
+        WakeupMode::Gated => Duration::from_millis(100),
+        // The delivery latency a DBA accepts for a database without NOTIFY.
+        WakeupMode::Poll => Duration::from_millis(10),
+    }
 }
 
 /// How long to wait before the next batch, given what the last one found.

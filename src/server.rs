@@ -12,15 +12,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::activity::Activity;
+use crate::alert::UndeliveredAlert;
 use crate::config::Tuning;
 use crate::db::{self, DbError, events};
-use crate::http::{
-    self, AppState, Shared, auth, auth::KeyCache, broadcast, limits::ConnectionLimits,
-};
+use crate::http::{self, AppState, Shared, auth, broadcast, limits::ConnectionLimits};
 use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
-use crate::presence::{self, InstanceInfo, Presence};
+use crate::presence::{self, InstanceInfo, InstanceStats, Presence};
 use crate::revocation;
 use crate::sequencer::{Sequencer, SequencerHealth};
 
@@ -134,7 +133,10 @@ pub async fn run(
         Arc::clone(&listener_health),
         Arc::clone(&waiters),
     )
-    .with_presence(Arc::clone(&presence), Arc::clone(&activity));
+    .with_alert(
+        UndeliveredAlert::new(Arc::clone(&metrics))
+            .cluster_wide(Arc::clone(&presence), Arc::clone(&activity)),
+    );
     tracker.spawn(follower.run(shutdown.clone()));
     // Every instance stands for election; one numbers staged rows at a time.
     let sequencer_health = Arc::new(SequencerHealth::default());
@@ -142,15 +144,28 @@ pub async fn run(
         &config.database,
         Arc::clone(&metrics),
         Arc::clone(&sequencer_health),
-        Arc::clone(&listener_health),
+        {
+            let listener = Arc::clone(&listener_health);
+            move || listener.mode()
+        },
     );
     tracker.spawn(sequencer.run(shutdown.clone()));
     tracker.spawn(presence::run(
         Arc::clone(&presence),
         config.database.clone(),
         config.tuning.presence_interval,
-        Arc::clone(&listener_health),
-        Arc::clone(&activity),
+        {
+            let listener = Arc::clone(&listener_health);
+            let activity = Arc::clone(&activity);
+            let metrics = Arc::clone(&metrics);
+            move || InstanceStats {
+                listener_up: listener.is_following(),
+                listener_mode: listener.mode().map(|m| m.as_str().to_owned()),
+                listener_read_age_ms: listener.last_read_age().map(|d| d.as_millis() as i64),
+                listener_lag_ms: metrics.last_lag().map(|d| d.as_secs_f64() * 1000.0),
+                events_per_second: activity.events_per_second(),
+            }
+        },
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
@@ -167,7 +182,7 @@ pub async fn run(
         hub,
         metrics,
         listener: listener_health,
-        keys: KeyCache::default(),
+        keys: Arc::default(),
         broadcast_token: config.broadcast_token.clone(),
         admin_token: config.admin_token.clone(),
         presence,
@@ -178,7 +193,15 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
-    tracker.spawn(revocation::run(state.clone(), config.database.clone()));
+    tracker.spawn(revocation::run(
+        revocation::Watched {
+            keys: Arc::clone(&state.keys),
+            hub: Arc::clone(&state.hub),
+            check_interval: state.tuning.revocation_check_interval,
+            shutdown: shutdown.clone(),
+        },
+        config.database.clone(),
+    ));
     tracker.spawn(http::status::refresh_gauges(state.clone()));
     tracker.spawn(hub::watch_drains(
         Arc::clone(&state.hub),

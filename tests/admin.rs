@@ -1,41 +1,9 @@
 //! Issue 5, on-call: the admin API (`/admin/tenants`, `/admin/tenants/{tenant}`), acks, the
 //! admin token, and the presence and database gauges of `/metrics`.
 
-use std::time::Duration;
-
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::common::*;
-
-/// Presence written every 200 ms instead of 2 s, so tests wait less for it.
-pub const FAST_PRESENCE: Duration = Duration::from_millis(200);
-
-pub fn fast_presence(c: &mut orderpush::server::ServerConfig) {
-    c.tuning.presence_interval = FAST_PRESENCE;
-}
-
-/// GET with an optional `Authorization` header: (status, body as JSON or Null).
-pub async fn get_json(server: &TestServer, path: &str, auth: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().get(server.http(path));
-    if let Some(a) = auth {
-        req = req.header("Authorization", a);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-/// Polls `f` until it returns `Some`, failing after [`WAIT`] with `what`.
-pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn admin_api_shows_terminals_with_delivered_and_acked_ids() {
@@ -50,14 +18,14 @@ async fn admin_api_shows_terminals_with_delivered_and_acked_ids() {
         .await
         .unwrap()
         .get(0);
-    let server = TestServer::start_with(&db, fast_presence).await;
+    let server = TestServer::builder(&db).tuning(fast_presence).start().await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     insert_loyalty(&db.client().await, "kitchen", 5).await;
     assert_eq!(pos.next().await["id"], 1);
     pos.send_text(&json!({"type": "ack", "id": 1}).to_string())
         .await;
 
-    let detail = eventually("the ack reaches the admin API", async || {
+    let detail = eventually_some("the ack reaches the admin API", async || {
         let (status, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
         assert_eq!(status, 200, "{body}");
         (body["connections"][0]["last_acked_id"] == 1).then_some(body)
@@ -103,12 +71,12 @@ async fn admin_api_shows_terminals_with_delivered_and_acked_ids() {
     pos.send_text("not json").await;
     insert_loyalty(&db.client().await, "kitchen", 6).await;
     assert_eq!(pos.next().await["id"], 2);
-    eventually("ignored messages are counted", async || {
+    eventually_some("ignored messages are counted", async || {
         (metric_opt(&server, "orderpush_client_messages_ignored_total").await? >= 3.0).then_some(())
     })
     .await;
     assert_eq!(metric_opt(&server, "orderpush_acks_total").await, Some(1.0));
-    eventually("delivered id 2 is recorded, the ack stays 1", async || {
+    eventually_some("delivered id 2 is recorded, the ack stays 1", async || {
         let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
         let c = &body["connections"][0];
         (c["last_delivered_id"] == 2 && c["last_acked_id"] == 1).then_some(())
@@ -117,7 +85,7 @@ async fn admin_api_shows_terminals_with_delivered_and_acked_ids() {
 
     // A closed socket leaves presence.
     drop(pos);
-    eventually("the closed connection disappears", async || {
+    eventually_some("the closed connection disappears", async || {
         let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
         body["connections"].as_array()?.is_empty().then_some(())
     })
@@ -135,7 +103,7 @@ async fn admin_endpoints_require_the_admin_token_when_one_is_set() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let token = "admin-token-0123456789";
-    let server = TestServer::start_with(&db, |c| c.admin_token = Some(token.into())).await;
+    let server = TestServer::builder(&db).admin_token(token).start().await;
     let client = reqwest::Client::new();
     let get = async |path: &str, auth: Option<String>| {
         let mut req = client.get(server.http(path));
@@ -217,8 +185,8 @@ async fn metrics_report_presence_notify_queue_and_tenants_without_terminal() {
     db.tenant("kitchen").await;
     db.tenant("bistro").await; // no key: not expected to have a terminal
     let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, fast_presence).await;
-    eventually("one live instance", async || {
+    let server = TestServer::builder(&db).tuning(fast_presence).start().await;
+    eventually_some("one live instance", async || {
         (metric_opt(&server, "orderpush_instances").await? == 1.0).then_some(())
     })
     .await;
@@ -241,7 +209,7 @@ async fn metrics_report_presence_notify_queue_and_tenants_without_terminal() {
     );
 
     let _pos = Pos::connect(&server, "kitchen", &key, None).await;
-    eventually("kitchen has a terminal", async || {
+    eventually_some("kitchen has a terminal", async || {
         (metric_opt(&server, "orderpush_tenants_without_terminal").await? == 0.0).then_some(())
     })
     .await;

@@ -93,10 +93,7 @@ fn assert_order(ev: &Value, id: i64, number: &str, note: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_700_kb_order_note_and_a_maximal_frame_reach_live_and_resuming_pos_intact() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mut live = Pos::connect(&server, "kitchen", &key, None).await;
     let mut client = db.client().await;
     insert_loyalty(&client, "kitchen", 1).await;
@@ -154,12 +151,11 @@ const ROOMY_QUEUE_BYTES: usize = 64 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_reading_with_a_big_frame_pending_is_closed_with_1013() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, |c| {
-        c.tuning.drain_timeout = SHORT_DRAIN_TIMEOUT;
-        c.tuning.client_queue_bytes = ROOMY_QUEUE_BYTES;
+    let OneTenant { db, key, server } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| {
+            t.drain_timeout = SHORT_DRAIN_TIMEOUT;
+            t.client_queue_bytes = ROOMY_QUEUE_BYTES;
+        })
     })
     .await;
     let mut live = Pos::connect(&server, "kitchen", &key, None).await;

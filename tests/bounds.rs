@@ -64,7 +64,7 @@ async fn get_healthz(stream: &mut TcpStream) -> String {
 async fn headers_trickled_a_byte_a_second_are_cut_off_after_the_header_timeout() {
     let db = TestDb::create().await;
     // Production timeouts: the header deadline is `HEADER_READ_TIMEOUT` (10 s).
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let started = Instant::now();
     let stream = TcpStream::connect(server.addr).await.unwrap();
     let (mut read, mut write) = stream.into_split();
@@ -114,14 +114,17 @@ async fn headers_trickled_a_byte_a_second_are_cut_off_after_the_header_timeout()
 
 #[tokio::test]
 async fn idle_and_silent_connections_are_closed_while_keep_alive_and_sockets_still_work() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
     let header = Duration::from_secs(1);
     let idle = Duration::from_secs(3);
-    let server = TestServer::start_with(&db, |c| {
-        c.tuning.http_header_timeout = header;
-        c.tuning.http_idle_timeout = idle;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| {
+            t.http_header_timeout = header;
+            t.http_idle_timeout = idle;
+        })
     })
     .await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
@@ -207,12 +210,9 @@ async fn refused(server: &TestServer, reason: &str) -> f64 {
 
 #[tokio::test]
 async fn a_fifth_connection_with_one_key_is_refused_503_until_one_closes() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let other_key = db.key("kitchen").await;
     // Production caps: 4 per key.
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
+    let other_key = db.key("kitchen").await;
     let mut open = Vec::new();
     for _ in 0..4 {
         open.push(
@@ -259,10 +259,11 @@ async fn a_fifth_connection_with_one_key_is_refused_503_until_one_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_key_cap_is_exact_under_concurrency_and_abandoned_upgrades_free_their_slots() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant("kitchen").await;
 
     // Twelve at once with one key: exactly four get a socket, whatever the interleaving.
     let attempts = (0..12).map(|_| attempt(&server, "kitchen", &key));
@@ -311,11 +312,13 @@ async fn tenant_and_total_caps_refuse_503_and_count_their_reason() {
     for t in ["kitchen", "bistro", "cafe"] {
         db.tenant(t).await;
     }
-    let server = TestServer::start_with(&db, |c| {
-        c.tuning.max_connections_per_tenant = 2;
-        c.tuning.max_connections = 3;
-    })
-    .await;
+    let server = TestServer::builder(&db)
+        .tuning(|t| {
+            t.max_connections_per_tenant = 2;
+            t.max_connections = 3;
+        })
+        .start()
+        .await;
     let k1 = db.key("kitchen").await;
     let k2 = db.key("kitchen").await;
     let k3 = db.key("kitchen").await;

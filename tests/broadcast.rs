@@ -6,10 +6,11 @@ use crate::common::*;
 
 #[tokio::test]
 async fn a_broadcast_reaches_the_tenant_as_the_seed_answered() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
 
     let given = json!({"tenant": "kitchen", "event": {"type": "test_broadcast",
@@ -59,10 +60,7 @@ async fn raw_post(
 
 #[tokio::test]
 async fn bad_broadcasts_are_refused_with_a_reason_and_write_nothing() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     let json_ct = Some("application/json");
     let event = |t: &str| {
@@ -157,7 +155,10 @@ async fn a_configured_token_is_required() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let token = "s3cret-token-0123456789";
-    let server = TestServer::start_with(&db, |c| c.broadcast_token = Some(token.into())).await;
+    let server = TestServer::builder(&db)
+        .broadcast_token(token)
+        .start()
+        .await;
     let body = json!({"tenant": "kitchen", "event": {"type": "x", "data": 1}});
     let client = reqwest::Client::new();
     let post = |auth: Option<String>| {
@@ -253,7 +254,7 @@ async fn concurrent_broadcasts_are_batched_without_losing_or_mixing_any() {
 async fn an_empty_tenant_is_a_missing_field_400_not_an_unknown_tenant() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let (status, reply) = server
         .broadcast(&json!({"tenant": "", "event": {"type": "x", "data": 1}}))
         .await;

@@ -40,10 +40,11 @@ async fn connect_with_protocols(
 
 #[tokio::test]
 async fn a_key_offered_as_a_subprotocol_authenticates_and_is_not_echoed() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant("kitchen").await;
     let (status, echoed, pos) = connect_with_protocols(
         &server,
         "kitchen",
@@ -79,7 +80,7 @@ async fn wrong_or_misused_subprotocol_keys_are_refused() {
     db.tenant("bistro").await;
     let key = db.key("kitchen").await;
     let other = db.key("bistro").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let unknown = format!("pos_{}", "0".repeat(64));
     let cases = [
         (

@@ -123,8 +123,12 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
     }
     let mut servers = Vec::new();
     for _ in 0..2 {
-        servers
-            .push(TestServer::start_with(&db, |c| c.tuning.client_queue_bytes = QUEUE_BYTES).await);
+        servers.push(
+            TestServer::builder(&db)
+                .tuning(|t| t.client_queue_bytes = QUEUE_BYTES)
+                .start()
+                .await,
+        );
     }
     let servers = Arc::new(servers);
     let stop = CancellationToken::new();

@@ -420,10 +420,7 @@ async fn the_documented_dba_controls_work() {
             "docs/dba.md lost this snippet:\n{snippet}"
         );
     }
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     let c = db.client().await;
     let order = |source: &'static str, number: &'static str| {
@@ -529,7 +526,7 @@ async fn uninstall_removes_orderpush_and_leaves_the_app_alone() {
     assert_eq!(text(&out.stdout), orderpush::db::uninstall::UNINSTALL_SQL);
     assert!(text(&out.stderr).contains("nothing was changed"));
     // With a server running: refuses, naming it.
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let out = orderpush(&db, &["uninstall", "--yes"]);
     assert!(!out.status.success());
     assert!(
@@ -635,7 +632,7 @@ async fn other_column_names_are_mapped_without_touching_the_triggers() {
     let out = orderpush(&db, &["migrate"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     let order = |number: &'static str| {
         let c = &c;
@@ -774,7 +771,7 @@ async fn an_upgrade_in_place_under_writers_loses_nothing_and_ids_continue() {
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
 
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     db.wait_numbered().await;
     let log = event_log(&c, "kitchen").await;
     let points: Vec<i64> = log

@@ -5,10 +5,7 @@ use serde_json::json;
 use crate::common::*;
 
 async fn setup() -> (TestDb, TestServer, Pos, tokio_postgres::Client) {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let pos = Pos::connect(&server, "kitchen", &key, None).await;
     let client = db.client().await;
     (db, server, pos, client)

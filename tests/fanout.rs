@@ -20,7 +20,7 @@ async fn direct_and_queued_frames_interleave_in_order_on_one_socket() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let mut pos = connect_small_buffer(&server, "/ws/pos/kitchen", &key, SMALL_RCVBUF).await;
     let broadcast = |n: i64, pad: usize| {
         let body = json!({"tenant": "kitchen", "event": {"type": "fan", "data": {"n": n, "pad": "p".repeat(pad)}}});

@@ -25,7 +25,7 @@ async fn eight_concurrent_writers_deliver_every_order_once_in_commit_order() {
     for t in ["kitchen", "bistro", "cafe"] {
         db.tenant(t).await;
     }
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let kitchen =
         Collector::spawn(Pos::connect(&server, "kitchen", &db.key("kitchen").await, None).await);
     let bistro =
@@ -102,7 +102,7 @@ async fn a_listener_killed_again_and_again_loses_nothing_and_readyz_follows_it()
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let kitchen =
         Collector::spawn(Pos::connect(&server, "kitchen", &db.key("kitchen").await, None).await);
     let bistro =
@@ -214,8 +214,8 @@ async fn a_sequencer_killed_mid_batch_loses_duplicates_and_reorders_nothing() {
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
     // Two instances: either may hold the election when the other's sequencer is killed.
-    let a = TestServer::start(&db).await;
-    let b = TestServer::start(&db).await;
+    let a = TestServer::builder(&db).start().await;
+    let b = TestServer::builder(&db).start().await;
     let kitchen =
         Collector::spawn(Pos::connect(&a, "kitchen", &db.key("kitchen").await, None).await);
     let bistro = Collector::spawn(Pos::connect(&b, "bistro", &db.key("bistro").await, None).await);
@@ -295,11 +295,14 @@ const PUSHED_WHILE_STALLED: i64 = 24;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_gets_1013_while_a_fast_one_gets_everything_then_resumes() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server =
-        TestServer::start_with(&db, |c| c.tuning.client_queue_bytes = SMALL_QUEUE_BYTES).await;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| t.client_queue_bytes = SMALL_QUEUE_BYTES)
+    })
+    .await;
     let mut fast = Pos::connect(&server, "kitchen", &key, None).await;
     let mut slow = connect_small_buffer(&server, "/ws/pos/kitchen", &key, 4096).await;
 
@@ -384,12 +387,15 @@ const DEAD_PEER_PAUSE: Duration = Duration::from_millis(500);
 
 #[tokio::test]
 async fn a_silent_peer_is_dropped_on_its_own_deadline_and_a_live_one_is_kept() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, |c| {
-        c.tuning.ping_interval = DEAD_PEER_PING;
-        c.tuning.pong_timeout = DEAD_PEER_TIMEOUT;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| {
+            t.ping_interval = DEAD_PEER_PING;
+            t.pong_timeout = DEAD_PEER_TIMEOUT;
+        })
     })
     .await;
     // A raw client: upgrades, answers the first ping with one frame, then is silent for good.
@@ -458,11 +464,8 @@ async fn a_silent_peer_is_dropped_on_its_own_deadline_and_a_live_one_is_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_runs_on_its_own_and_never_blocks_writers() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, |c| {
-        c.tuning.prune_interval = Duration::from_millis(200)
+    let OneTenant { db, key, server } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| t.prune_interval = Duration::from_millis(200))
     })
     .await;
     let client = db.client().await;
@@ -485,7 +488,7 @@ async fn retention_runs_on_its_own_and_never_blocks_writers() {
     .await;
     assert!(metric(&server, "orderpush_pruned_events_total").await >= 15.0);
     // A fresh instance (no recent frames in memory) answers from the retained log.
-    let fresh = TestServer::start(&db).await;
+    let fresh = TestServer::builder(&db).start().await;
     let mut expired = Pos::connect(&fresh, "kitchen", &key, Some(3)).await;
     let first = expired.next().await;
     assert_eq!(

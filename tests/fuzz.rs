@@ -521,17 +521,19 @@ fn hostile_input_never_breaks_the_server() {
         db.tenant("bistro").await;
         let key = db.key("kitchen").await;
         let bistro_key = db.key("bistro").await;
-        let server = TestServer::start_with(&db, |c| {
-            c.broadcast_token = Some(TOKEN.into());
-            // Fuzzing from loopback fails authentication on purpose, many times; the limiter
-            // has a test of its own.
-            c.tuning.auth_failure_limit = 0;
-            // Each WebSocket case opens a socket with the one kitchen key and drops it, and the
-            // next may connect before the server has seen the last one end; the per-key cap
-            // (4) has tests of its own (`bounds`).
-            c.tuning.max_connections_per_key = 64;
-        })
-        .await;
+        let server = TestServer::builder(&db)
+            .broadcast_token(TOKEN)
+            .tuning(|t| {
+                // Fuzzing from loopback fails authentication on purpose, many times; the
+                // limiter has a test of its own.
+                t.auth_failure_limit = 0;
+                // Each WebSocket case opens a socket with the one kitchen key and drops it, and
+                // the next may connect before the server has seen the last one end; the per-key
+                // cap (4) has tests of its own (`bounds`).
+                t.max_connections_per_key = 64;
+            })
+            .start()
+            .await;
         let kitchen = Collector::spawn(Pos::connect(&server, "kitchen", &key, None).await);
         let bistro = Collector::spawn(Pos::connect(&server, "bistro", &bistro_key, None).await);
         let target = Target {

@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::Message;
 
 use crate::common::*;
-use crate::replay::bulk_loyalty;
 
 /// Events the slow replayers each replay from the start: thousands, about 1 KB each.
 const HISTORY: i32 = 3_000;
@@ -33,7 +32,10 @@ async fn twenty_slow_replays_leave_broadcast_readyz_and_metrics_answering() {
     bulk_loyalty(&client, "kitchen", HISTORY, 1000).await;
     number_staged(&db).await;
     // Many sockets of one key at once: the per-key connection cap is not what is tested here.
-    let server = TestServer::start_with(&db, |c| c.tuning.max_connections_per_key = 64).await;
+    let server = TestServer::builder(&db)
+        .tuning(|t| t.max_connections_per_key = 64)
+        .start()
+        .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -88,10 +90,7 @@ const FLOODERS: usize = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_metrics_and_readyz_flood_with_the_gauge_tables_locked_never_slows_broadcast() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
 
     // The database gauges read `orderpush.connections`: with it locked, any scrape that queried

@@ -13,7 +13,7 @@ async fn kitchen() -> (TestDb, TestServer, String) {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     (db, server, key)
 }
 
@@ -285,7 +285,10 @@ async fn a_snapshot_past_either_bound_says_it_is_incomplete() {
     for i in 0..10 {
         order(&c, &format!("O-{i}"), "pending", 1.0).await;
     }
-    let few = TestServer::start_with(&db, |s| s.tuning.snapshot_max_orders = 4).await;
+    let few = TestServer::builder(&db)
+        .tuning(|t| t.snapshot_max_orders = 4)
+        .start()
+        .await;
     let mut pos = join(&few, &key, "?snapshot=open").await;
     let mut orders = 0;
     let end = loop {
@@ -305,7 +308,10 @@ async fn a_snapshot_past_either_bound_says_it_is_incomplete() {
     )
     .await
     .unwrap();
-    let small = TestServer::start_with(&db, |s| s.tuning.snapshot_max_bytes = 1 << 20).await;
+    let small = TestServer::builder(&db)
+        .tuning(|t| t.snapshot_max_bytes = 1 << 20)
+        .start()
+        .await;
     let mut pos = join(&small, &key, "?snapshot=open").await;
     let mut orders = 0;
     let end = loop {

@@ -25,6 +25,7 @@ mod resume;
 mod security;
 mod soak;
 mod status_page;
+mod structure;
 mod tail;
 mod websocket;
 mod write_path;

@@ -122,6 +122,8 @@ async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key(
     let v: Value = serde_json::from_str(&warning).unwrap();
     assert_eq!(v["level"], "WARN");
     assert_eq!(v["fields"]["tenant"], "kitchen");
+    // The target operators filter on (docs/operations.md), wherever the code lives.
+    assert_eq!(v["target"], "orderpush::listener");
 
     // A second order within the interval is not warned about again (but still logged at INFO).
     insert_order(&mut client, "kitchen", "KIT-6453", 1).await;

@@ -1,7 +1,6 @@
 //! Issue 5, presence across instances: every instance sees every terminal, dead instances
 //! expire, lost rows come back, and the undelivered alert is counted once for the cluster.
 
-use crate::admin::{FAST_PRESENCE, eventually, fast_presence, get_json};
 use crate::common::*;
 
 async fn instance_id(server: &TestServer) -> String {
@@ -14,11 +13,11 @@ async fn every_instance_sees_every_terminal() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
-    let a = TestServer::start_with(&db, fast_presence).await;
-    let b = TestServer::start_with(&db, fast_presence).await;
+    let a = TestServer::builder(&db).tuning(fast_presence).start().await;
+    let b = TestServer::builder(&db).tuning(fast_presence).start().await;
     let _pos = Pos::connect(&a, "kitchen", &key, None).await;
     let a_id = instance_id(&a).await;
-    let body = eventually("B sees the terminal connected to A", async || {
+    let body = eventually_some("B sees the terminal connected to A", async || {
         let (_, body) = get_json(&b, "/admin/tenants/kitchen", None).await;
         (body["connections"].as_array()?.len() == 1).then_some(body)
     })
@@ -34,7 +33,7 @@ async fn every_instance_sees_every_terminal() {
 
     // A clean shutdown removes A at once (not after the expiry).
     a.stop().await;
-    eventually("A is gone from B's view", async || {
+    eventually_some("A is gone from B's view", async || {
         let (_, list) = get_json(&b, "/admin/tenants", None).await;
         (list["instances"].as_array()?.len() == 1).then_some(())
     })
@@ -58,13 +57,13 @@ async fn rows_of_a_dead_instance_are_ignored_and_expire() {
     )
     .await
     .unwrap();
-    let server = TestServer::start_with(&db, fast_presence).await;
+    let server = TestServer::builder(&db).tuning(fast_presence).start().await;
     let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
     assert!(
         body["connections"].as_array().unwrap().is_empty(),
         "a stale instance's terminal is not shown: {body}"
     );
-    eventually("the dead instance's rows are deleted", async || {
+    eventually_some("the dead instance's rows are deleted", async || {
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM orderpush.instances WHERE id = 'dead00000000'",
@@ -88,23 +87,21 @@ async fn rows_of_a_dead_instance_are_ignored_and_expire() {
 
 #[tokio::test]
 async fn an_instance_whose_rows_vanished_registers_again() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, fast_presence).await;
+    let OneTenant { db, key, server } =
+        one_tenant_with("kitchen", |s| s.tuning(fast_presence)).await;
     let _pos = Pos::connect(&server, "kitchen", &key, None).await;
     let shown = async || {
         let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
         (body["connections"].as_array()?.len() == 1).then_some(())
     };
-    eventually("the terminal is shown", shown).await;
+    eventually_some("the terminal is shown", shown).await;
     // What a failover (unlogged tables come back empty) or an over-eager expiry does.
     db.client()
         .await
         .batch_execute("DELETE FROM orderpush.instances")
         .await
         .unwrap();
-    eventually("the terminal is shown again", shown).await;
+    eventually_some("the terminal is shown again", shown).await;
 }
 
 #[tokio::test]
@@ -114,10 +111,10 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     db.tenant("bistro").await;
     db.tenant("fence").await;
     let key = db.key("kitchen").await;
-    let a = TestServer::start_with(&db, fast_presence).await;
-    let b = TestServer::start_with(&db, fast_presence).await;
+    let a = TestServer::builder(&db).tuning(fast_presence).start().await;
+    let b = TestServer::builder(&db).tuning(fast_presence).start().await;
     for s in [&a, &b] {
-        eventually("both instances see two instances", async || {
+        eventually_some("both instances see two instances", async || {
             (metric_opt(s, "orderpush_instances").await? == 2.0).then_some(())
         })
         .await;
@@ -127,7 +124,7 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
     let fence = async |n: f64| {
         insert_loyalty(&db.client().await, "fence", 1).await;
         for s in [&a, &b] {
-            eventually("the fence is read by this instance", async || {
+            eventually_some("the fence is read by this instance", async || {
                 let name = "orderpush_events_total{origin=\"db\",type=\"loyalty_updated\"}";
                 (metric_opt(s, name).await? >= n).then_some(())
             })
@@ -163,7 +160,7 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
 
     // A terminal on A only: B must not call kitchen's order undelivered.
     let mut pos = Pos::connect(&a, "kitchen", &key, None).await;
-    eventually("B sees the terminal on A", async || {
+    eventually_some("B sees the terminal on A", async || {
         let (_, body) = get_json(&b, "/admin/tenants/kitchen", None).await;
         (body["connections"].as_array()?.len() == 1).then_some(())
     })
@@ -177,5 +174,81 @@ async fn an_undelivered_order_is_counted_once_for_the_cluster() {
         undelivered().await,
         1.0,
         "a terminal elsewhere counts as delivered"
+    );
+}
+
+#[tokio::test]
+async fn a_heartbeat_writes_each_statistic_to_its_own_column() {
+    use orderpush::db::presence::{Instance, InstanceStats, heartbeat};
+    use std::time::{Duration, SystemTime};
+
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let instance = Instance {
+        id: "i1",
+        hostname: "host",
+        pid: 7,
+        listen: "127.0.0.1:9011",
+        version: "v",
+        started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    };
+    let read = async || {
+        let r = client
+            .query_one(
+                "SELECT pid, listener_up, listener_mode, listener_read_age_ms, listener_lag_ms,
+                        events_per_second, extract(epoch FROM started_at)::float8
+                 FROM orderpush.instances WHERE id = 'i1'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            r.get::<_, i32>(0),
+            r.get::<_, bool>(1),
+            r.get::<_, Option<String>>(2),
+            r.get::<_, Option<i64>>(3),
+            r.get::<_, Option<f64>>(4),
+            r.get::<_, f64>(5),
+            r.get::<_, f64>(6),
+        )
+    };
+    // Distinct values in every column, so a statistic bound to its neighbour's column shows.
+    let first = InstanceStats {
+        listener_up: true,
+        listener_mode: Some("poll".into()),
+        listener_read_age_ms: Some(11),
+        listener_lag_ms: Some(22.5),
+        events_per_second: 33.25,
+    };
+    assert!(
+        heartbeat(&client, &instance, &first).await.unwrap(),
+        "inserted"
+    );
+    assert_eq!(
+        read().await,
+        (
+            7,
+            true,
+            Some("poll".into()),
+            Some(11),
+            Some(22.5),
+            33.25,
+            1_700_000_000.0
+        )
+    );
+    let second = InstanceStats {
+        listener_up: false,
+        listener_mode: None,
+        listener_read_age_ms: Some(44),
+        listener_lag_ms: Some(55.5),
+        events_per_second: 66.75,
+    };
+    assert!(
+        !heartbeat(&client, &instance, &second).await.unwrap(),
+        "updated"
+    );
+    assert_eq!(
+        read().await,
+        (7, false, None, Some(44), Some(55.5), 66.75, 1_700_000_000.0)
     );
 }

@@ -18,20 +18,6 @@ const PRUNED: i64 = 10;
 /// connections, which a wedged replay each used to hold.
 const WEDGE_ATTEMPTS: usize = 20;
 
-/// Writes `n` loyalty events for `tenant` in one statement (one transaction), each with a
-/// `reason` of `reason_len` bytes.
-pub async fn bulk_loyalty(client: &tokio_postgres::Client, tenant: &str, n: i32, reason_len: i32) {
-    client
-        .execute(
-            "INSERT INTO loyalty_transactions (tenant_slug, customer_id, points_change, new_balance,
-                                               transaction_type, reason)
-             SELECT $1, 'cust', i, i, 'earned', repeat('r', $3) FROM generate_series(1, $2) AS i",
-            &[&tenant, &n, &reason_len],
-        )
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_since_in_the_pruned_range_gets_resync_required_at_once_whatever_the_volume() {
     let db = TestDb::create().await;
@@ -52,7 +38,10 @@ async fn a_since_in_the_pruned_range_gets_resync_required_at_once_whatever_the_v
         .unwrap();
     assert_eq!(deleted, PRUNED as u64);
     // Many sockets of one key at once: the per-key connection cap is not what is tested here.
-    let server = TestServer::start_with(&db, |c| c.tuning.max_connections_per_key = 64).await;
+    let server = TestServer::builder(&db)
+        .tuning(|t| t.max_connections_per_key = 64)
+        .start()
+        .await;
 
     // `since=0` and a `since` inside the pruned range: told at once, nothing replayed.
     for since in [0, PRUNED / 2, PRUNED - 1] {
@@ -102,7 +91,7 @@ async fn a_since_in_the_pruned_range_gets_resync_required_at_once_whatever_the_v
     );
 }
 
-/// The replay limit in the test below (production: `http::ws::MAX_REPLAY_ROWS`, 100,000).
+/// The replay limit in the test below (production: `config::MAX_REPLAY_ROWS`, 100,000).
 const SHORT_REPLAY_LIMIT: i64 = 100;
 
 #[tokio::test]
@@ -114,8 +103,10 @@ async fn a_replay_longer_than_the_limit_gets_replay_too_long_then_continues_live
     let total = SHORT_REPLAY_LIMIT + 50;
     bulk_loyalty(&client, "kitchen", total as i32, 16).await;
     number_staged(&db).await;
-    let server =
-        TestServer::start_with(&db, |c| c.tuning.max_replay_rows = SHORT_REPLAY_LIMIT).await;
+    let server = TestServer::builder(&db)
+        .tuning(|t| t.max_replay_rows = SHORT_REPLAY_LIMIT)
+        .start()
+        .await;
 
     // One event more than the limit: refused.
     let since = total - SHORT_REPLAY_LIMIT - 1;

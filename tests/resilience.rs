@@ -11,8 +11,8 @@ async fn two_instances_deliver_one_broadcast_with_the_same_id() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let key = db.key("kitchen").await;
-    let a = TestServer::start(&db).await;
-    let b = TestServer::start(&db).await;
+    let a = TestServer::builder(&db).start().await;
+    let b = TestServer::builder(&db).start().await;
     let mut on_a = Pos::connect(&a, "kitchen", &key, None).await;
     let mut on_b = Pos::connect(&b, "kitchen", &key, None).await;
     let (status, _) = a
@@ -27,10 +27,7 @@ async fn two_instances_deliver_one_broadcast_with_the_same_id() {
 
 #[tokio::test]
 async fn killing_the_listener_loses_nothing() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     const EVENTS: i32 = 150;
     let writer = {
@@ -75,7 +72,7 @@ async fn killing_the_listener_loses_nothing() {
 #[tokio::test]
 async fn readyz_reports_a_lost_listener() {
     let db = TestDb::create().await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let admin = admin().await;
     // Refuse new connections to this database, then kill the listener: it cannot come back.
     admin
@@ -127,7 +124,7 @@ async fn readyz_reports_a_lost_listener() {
 async fn metrics_are_prometheus_text() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     server
         .broadcast(&json!({"tenant": "kitchen", "event": {"type": "new_order", "data": {}}}))
         .await;
@@ -165,7 +162,7 @@ async fn every_wakeup_mode_delivers_every_event_in_order() {
             ))
             .await
             .unwrap();
-        let server = TestServer::start(&db).await;
+        let server = TestServer::builder(&db).start().await;
         let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
         const WRITERS: i32 = 4;
         const EACH: i32 = 50;
@@ -206,10 +203,7 @@ async fn every_wakeup_mode_delivers_every_event_in_order() {
 /// A DBA's `ALTER DATABASE … SET orderpush.wakeup` reaches a running service without a restart.
 #[tokio::test]
 async fn a_changed_wakeup_mode_is_picked_up_while_running() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mode = || async {
         let status: serde_json::Value = reqwest::get(server.http("/status/data"))
             .await

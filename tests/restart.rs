@@ -226,7 +226,7 @@ async fn a_postgres_restart_is_survived_and_nothing_is_lost() {
         .unwrap()
         .secret;
     drop(app);
-    let server = TestServer::start_on(config.clone(), |_| {}).await;
+    let server = TestServer::builder(config.clone()).start().await;
     let stayer = Collector::spawn(Pos::connect(&server, "kitchen", &kitchen_key, None).await);
     let bistro = Collector::spawn(Pos::connect(&server, "bistro", &bistro_key, None).await);
     let mut resumer = Some(Pos::connect(&server, "kitchen", &kitchen_key, None).await);

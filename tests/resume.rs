@@ -7,10 +7,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn since_replays_then_continues_live_without_gap_or_repeat() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let client = db.client().await;
     for i in 1..=5 {
         insert_loyalty(&client, "kitchen", i).await;
@@ -45,10 +42,7 @@ async fn since_replays_then_continues_live_without_gap_or_repeat() {
 
 #[tokio::test]
 async fn recent_resumes_come_from_memory_older_ones_from_the_log() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let mut live = Pos::connect(&server, "kitchen", &key, None).await;
     let client = db.client().await;
     let total = orderpush::hub::RECENT_FRAMES as i64 + 30;
@@ -91,7 +85,7 @@ async fn a_restarted_server_serves_resumes_from_preloaded_history() {
         insert_loyalty(&client, "kitchen", i).await;
     }
     number_staged(&db).await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let mut pos = Pos::connect(&server, "kitchen", &key, Some(2)).await;
     for want in 3..=5 {
         assert_eq!(pos.next().await["id"], want);
@@ -128,7 +122,7 @@ async fn since_older_than_retention_gets_resync_required_first() {
         .await
         .unwrap();
     assert_eq!(deleted, 2);
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
 
     // since=1 needs id 2, which is gone.
     let mut pos = Pos::connect(&server, "kitchen", &key, Some(1)).await;

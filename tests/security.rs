@@ -36,12 +36,15 @@ async fn attempt(server: &TestServer, path: &str, keys: &[&str]) -> (u16, Option
 
 #[tokio::test]
 async fn repeated_failed_authentication_is_answered_429_until_the_cooldown_ends() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, |c| {
-        c.tuning.auth_failure_limit = TEST_LIMIT;
-        c.tuning.auth_cooldown = TEST_COOLDOWN;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| {
+            t.auth_failure_limit = TEST_LIMIT;
+            t.auth_cooldown = TEST_COOLDOWN;
+        })
     })
     .await;
     // Successes never count, however many.
@@ -83,11 +86,11 @@ async fn a_wrong_broadcast_token_counts_as_a_failed_authentication() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     let token = "a-long-enough-secret-token";
-    let server = TestServer::start_with(&db, |c| {
-        c.broadcast_token = Some(token.into());
-        c.tuning.auth_failure_limit = TEST_LIMIT;
-    })
-    .await;
+    let server = TestServer::builder(&db)
+        .broadcast_token(token)
+        .tuning(|t| t.auth_failure_limit = TEST_LIMIT)
+        .start()
+        .await;
     let post = |auth: String| {
         reqwest::Client::new()
             .post(server.http("/broadcast"))
@@ -115,13 +118,15 @@ fn guess(n: u32) -> String {
 
 #[tokio::test]
 async fn bad_keys_from_an_address_are_throttled_while_valid_keys_from_it_keep_connecting() {
-    use orderpush::http::auth::{AUTH_FAILURE_LIMIT, BLOCKED_LOOKUP_INTERVAL};
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let connected_before = db.key("kitchen").await;
-    let never_used = db.key("kitchen").await;
+    use orderpush::config::AUTH_FAILURE_LIMIT;
+    use orderpush::http::auth::BLOCKED_LOOKUP_INTERVAL;
     // The default limit (50): every test client is 127.0.0.1, like terminals behind one NAT.
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db,
+        key: connected_before,
+        server,
+    } = one_tenant("kitchen").await;
+    let never_used = db.key("kitchen").await;
     assert_eq!(
         attempt(&server, "/ws/pos/kitchen", &[&connected_before])
             .await
@@ -183,7 +188,10 @@ async fn tills_retrying_a_revoked_key_do_not_lock_out_a_valid_one() {
         .await
         .unwrap();
     let valid = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, |c| c.tuning.auth_failure_limit = TEST_LIMIT).await;
+    let server = TestServer::builder(&db)
+        .tuning(|t| t.auth_failure_limit = TEST_LIMIT)
+        .start()
+        .await;
     for _ in 0..TEST_LIMIT {
         let (status, _) = attempt(&server, "/ws/pos/kitchen", &[&revoked.secret]).await;
         assert_eq!(status, 401);
@@ -248,7 +256,7 @@ const NOT_LOCAL: [(&str, &str); 7] = [
 async fn without_tokens_proxied_and_non_local_requests_are_refused_and_not_counted() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let endpoints = ["/broadcast", "/admin/tenants", "/status"];
     for path in endpoints {
         for header in NOT_LOCAL {
@@ -301,11 +309,11 @@ async fn with_tokens_configured_proxy_headers_and_host_do_not_matter() {
     db.tenant("kitchen").await;
     let broadcast_token = "broadcast-secret-0123456789";
     let admin_token = "admin-secret-0123456789";
-    let server = TestServer::start_with(&db, |c| {
-        c.broadcast_token = Some(broadcast_token.into());
-        c.admin_token = Some(admin_token.into());
-    })
-    .await;
+    let server = TestServer::builder(&db)
+        .broadcast_token(broadcast_token)
+        .admin_token(admin_token)
+        .start()
+        .await;
     for (path, token) in [
         ("/broadcast", broadcast_token),
         ("/admin/tenants", admin_token),
@@ -375,12 +383,12 @@ async fn the_default_limit_is_documented_and_sane() {
     use orderpush::http::auth;
     // Sane: a POS retrying every 2 s with a revoked key never trips it.
     let per_window = auth::AUTH_FAILURE_WINDOW.as_secs() / 2;
-    assert!(u64::from(auth::AUTH_FAILURE_LIMIT) > per_window);
+    assert!(u64::from(orderpush::config::AUTH_FAILURE_LIMIT) > per_window);
     let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reliability.md"))
         .expect("docs/reliability.md exists");
     assert!(docs.contains(&format!(
         "{} failed authentications",
-        auth::AUTH_FAILURE_LIMIT
+        orderpush::config::AUTH_FAILURE_LIMIT
     )));
     assert!(docs.contains("--auth-failure-limit"));
 }
@@ -510,8 +518,8 @@ fn run_kill(pid: u32, signal: &str) {
 
 /// The periodic revocation check pushed out of the test's reach: only a key-change
 /// notification can act in time.
-fn notifications_only(c: &mut orderpush::server::ServerConfig) {
-    c.tuning.revocation_check_interval = Duration::from_secs(3600);
+fn notifications_only(t: &mut orderpush::config::Tuning) {
+    t.revocation_check_interval = Duration::from_secs(3600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,10 +530,19 @@ async fn a_revoked_key_is_refused_within_a_second_and_its_sockets_close_on_every
         .await
         .unwrap();
     let other_key = db.key("kitchen").await;
-    let a = TestServer::start_with(&db, notifications_only).await;
-    let b = TestServer::start_with(&db, notifications_only).await;
+    let a = TestServer::builder(&db)
+        .tuning(notifications_only)
+        .start()
+        .await;
+    let b = TestServer::builder(&db)
+        .tuning(notifications_only)
+        .start()
+        .await;
     // A third instance has the key cached but no socket open with it.
-    let c = TestServer::start_with(&db, notifications_only).await;
+    let c = TestServer::builder(&db)
+        .tuning(notifications_only)
+        .start()
+        .await;
     drop(Pos::connect(&c, "kitchen", &created.secret, None).await);
     let mut on_a = Pos::connect(&a, "kitchen", &created.secret, None).await;
     let mut on_b = Pos::connect(&b, "kitchen", &created.secret, None).await;
@@ -563,7 +580,10 @@ async fn a_key_moved_to_another_tenant_or_deleted_with_its_tenant_loses_its_sock
     let created = orderpush::db::keys::create(&db.client().await, "kitchen", None)
         .await
         .unwrap();
-    let server = TestServer::start_with(&db, notifications_only).await;
+    let server = TestServer::builder(&db)
+        .tuning(notifications_only)
+        .start()
+        .await;
     let mut on_kitchen = Pos::connect(&server, "kitchen", &created.secret, None).await;
     let client = db.client().await;
     client
@@ -605,7 +625,10 @@ async fn the_revocation_watcher_reconnects_and_listens_again() {
     let created = orderpush::db::keys::create(&db.client().await, "kitchen", None)
         .await
         .unwrap();
-    let server = TestServer::start_with(&db, notifications_only).await;
+    let server = TestServer::builder(&db)
+        .tuning(notifications_only)
+        .start()
+        .await;
     let mut pos = Pos::connect(&server, "kitchen", &created.secret, None).await;
     let admin = admin().await;
     // The watcher's backend once it has listened and run its first check (idle after a query
@@ -654,7 +677,7 @@ async fn the_periodic_check_closes_sockets_when_a_notification_is_missed() {
     let created = orderpush::db::keys::create(&db.client().await, "kitchen", None)
         .await
         .unwrap();
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let mut pos = Pos::connect(&server, "kitchen", &created.secret, None).await;
     let client = db.client().await;
     // As when the notify is skipped (the notification queue more than half full).
@@ -676,12 +699,13 @@ async fn the_periodic_check_closes_sockets_when_a_notification_is_missed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_database_is_unreachable_keys_not_verified_recently_get_503_never_401() {
     use orderpush::http::auth::REVOCATION_FRESHNESS;
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let cached = db.key("kitchen").await;
+    let OneTenant {
+        db,
+        key: cached,
+        server,
+    } = one_tenant("kitchen").await;
     let uncached = db.key("kitchen").await;
     let unknown = format!("pos_{}", "7".repeat(64));
-    let server = TestServer::start(&db).await;
     assert_eq!(attempt(&server, "/ws/pos/kitchen", &[&cached]).await.0, 101);
 
     // The database refuses every connection, and the service's are cut.
@@ -743,7 +767,7 @@ async fn no_trick_reaches_another_tenants_events() {
     db.tenant("bistro").await;
     let key = db.key("kitchen").await;
     let bistro_key = db.key("bistro").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let client = db.client().await;
     for i in 1..=10 {
         insert_loyalty(&client, "bistro", 1000 + i).await;

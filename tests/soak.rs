@@ -57,7 +57,7 @@ async fn an_ordinary_kitchen_gets_everything_through_a_minute_of_hostile_load() 
     orderpush::db::events::prune(&c, Duration::from_secs(86_400))
         .await
         .unwrap();
-    let server = Arc::new(TestServer::start(&db).await);
+    let server = Arc::new(TestServer::builder(&db).start().await);
     let kitchen = Collector::spawn(Pos::connect(&server, "kitchen", &kitchen_key, None).await);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();

@@ -6,7 +6,6 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::admin::{eventually, fast_presence, get_json};
 use crate::common::*;
 
 /// A customer name that must never reach the status page.
@@ -31,9 +30,9 @@ async fn status_data_shows_terminals_and_red_tenants_without_customer_data() {
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
     let key = db.key("kitchen").await;
-    let server = TestServer::start_with(&db, fast_presence).await;
+    let server = TestServer::builder(&db).tuning(fast_presence).start().await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
-    eventually("the terminal is in presence", async || {
+    eventually_some("the terminal is in presence", async || {
         let (_, body) = get_json(&server, "/admin/tenants/kitchen", None).await;
         (body["connections"].as_array()?.len() == 1).then_some(())
     })
@@ -42,7 +41,7 @@ async fn status_data_shows_terminals_and_red_tenants_without_customer_data() {
     order(&db, "kitchen", "KIT-6452").await;
     assert_eq!(pos.next().await["data"]["orderNumber"], "KIT-6452");
 
-    let data = eventually("both orders are on the status page", async || {
+    let data = eventually_some("both orders are on the status page", async || {
         let (status, body) = get_json(&server, "/status/data", None).await;
         assert_eq!(status, 200);
         (body["recent"].as_array()?.len() == 2).then_some(body)
@@ -128,11 +127,11 @@ async fn status_page_in_headless_chromium_shows_the_terminal_the_order_and_the_r
         .await
         .unwrap();
     let token = "status-admin-token-0123";
-    let server = TestServer::start_with(&db, |c| {
-        fast_presence(c);
-        c.admin_token = Some(token.into());
-    })
-    .await;
+    let server = TestServer::builder(&db)
+        .tuning(fast_presence)
+        .admin_token(token)
+        .start()
+        .await;
     let bearer = format!("Bearer {token}");
     let screenshot = std::env::var("ORDERPUSH_STATUS_SCREENSHOT")
         .map(PathBuf::from)
@@ -154,7 +153,7 @@ async fn status_page_in_headless_chromium_shows_the_terminal_the_order_and_the_r
 
     // Once the browser's terminal is connected, the orders arrive: one for it, one for a tenant
     // with no terminal.
-    eventually("the browser terminal connects", async || {
+    eventually_some("the browser terminal connects", async || {
         let (_, body) = get_json(&server, "/admin/tenants/kitchen", Some(&bearer)).await;
         (body["connections"].as_array()?.len() == 1).then_some(())
     })

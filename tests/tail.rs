@@ -24,10 +24,7 @@ impl Tail {
 
 #[tokio::test]
 async fn tail_prints_events_and_resumes_across_a_server_restart() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let addr = server.addr;
     let mut tail = Tail::start(&server, "kitchen", &key, None)
         .after_stderr("connected to")
@@ -44,7 +41,7 @@ async fn tail_prints_events_and_resumes_across_a_server_restart() {
     server.stop().await;
     tail.expect_stderr("(1001: server shutting down)").await;
     insert_loyalty(&c, "kitchen", 7).await;
-    let server = TestServer::start_at(&db, addr, |_| {}).await;
+    let server = TestServer::builder(&db).bind(addr).start().await;
     tail.expect_stderr("since=1").await;
     let ev = tail.next_event().await;
     assert_eq!(ev["type"], "loyalty_updated", "missed event replayed");
@@ -64,7 +61,7 @@ async fn tail_since_replays_first() {
     for p in 1..=3 {
         insert_loyalty(&c, "kitchen", p).await;
     }
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     db.wait_numbered().await;
     let mut tail = Tail::start(&server, "kitchen", &key, Some(1));
     assert_eq!(tail.next_event().await["id"], 2);
@@ -77,7 +74,7 @@ async fn tail_stops_at_once_when_the_key_is_refused() {
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
     let other = db.key("bistro").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
 
     let unknown = format!("pos_{}", "ab".repeat(32));
     let mut tail = Tail::start(&server, "kitchen", &unknown, None);
@@ -110,7 +107,7 @@ async fn tail_stops_when_the_key_is_revoked_while_connected() {
     let key = orderpush::db::keys::create(&c, "kitchen", None)
         .await
         .unwrap();
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let mut tail = Tail::start(&server, "kitchen", &key.secret, None)
         .after_stderr("connected to")
         .await;

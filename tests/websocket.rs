@@ -22,7 +22,7 @@ async fn keys_are_checked_before_the_upgrade() {
     orderpush::db::keys::revoke(&db.client().await, &revoked_id.id)
         .await
         .unwrap();
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
 
     assert_eq!(connect_status(&server, "/ws/pos/kitchen", None).await, 401);
     assert_eq!(
@@ -62,7 +62,7 @@ async fn path_tricks_never_reach_another_tenant() {
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
     let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     for path in [
         "/ws/pos/bistro",
         "/ws/pos/kitchen%2F..%2Fbistro",
@@ -107,10 +107,11 @@ async fn a_tenant_never_sees_another_tenants_events() {
 
 #[tokio::test]
 async fn shutdown_sends_going_away() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     server.shutdown.cancel();
     assert_eq!(pos.close_code(Duration::from_secs(10)).await, Some(1001));
@@ -119,10 +120,11 @@ async fn shutdown_sends_going_away() {
 
 #[tokio::test]
 async fn client_frames_are_ignored_and_oversized_ones_end_the_socket() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db: _db,
+        key,
+        server,
+    } = one_tenant("kitchen").await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     pos.send_text(&json!({"type": "ack", "id": 1}).to_string())
         .await;

@@ -40,10 +40,7 @@ async fn online_order(tx: &tokio_postgres::Transaction<'_>, tenant: &str, number
 }
 
 async fn kitchen() -> (TestDb, TestServer, Pos, String) {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant { db, key, server } = one_tenant("kitchen").await;
     let pos = Pos::connect(&server, "kitchen", &key, None).await;
     (db, server, pos, key)
 }
@@ -135,7 +132,7 @@ async fn two_tenants_written_in_opposite_orders_never_deadlock() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
     db.tenant("bistro").await;
-    let _server = TestServer::start(&db).await;
+    let _server = TestServer::builder(&db).start().await;
     let mut a = db.client().await;
     let mut b = db.client().await;
     let ta = a.transaction().await.unwrap();
@@ -158,10 +155,11 @@ async fn two_tenants_written_in_opposite_orders_never_deadlock() {
 
 #[tokio::test]
 async fn a_recreated_tenant_writes_at_once_and_never_sees_the_old_restaurants_events() {
-    let db = TestDb::create().await;
-    db.tenant("kitchen").await;
-    let old_key = db.key("kitchen").await;
-    let server = TestServer::start(&db).await;
+    let OneTenant {
+        db,
+        key: old_key,
+        server,
+    } = one_tenant("kitchen").await;
     let mut old_pos = Pos::connect(&server, "kitchen", &old_key, None).await;
     let mut c = db.client().await;
     for i in 1..=3 {
@@ -280,11 +278,11 @@ async fn a_write_that_cannot_become_an_event_is_counted_listed_and_resyncs_its_t
     ))
     .await
     .unwrap();
-    let server = TestServer::start_with(&db, |config| {
-        config.database.user(&role);
-        config.migrate = false;
-    })
-    .await;
+    let server = TestServer::builder(&db)
+        .user(&role)
+        .migrate(false)
+        .start()
+        .await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     insert_order(&mut c, "kitchen", "KIT-1", 2).await;
     let ev = pos.next().await;
@@ -381,7 +379,7 @@ async fn an_order_note_over_the_frame_limit_arrives_shortened_with_every_key() {
 #[tokio::test]
 async fn a_retried_broadcast_with_an_idempotency_key_is_delivered_once_on_any_instance() {
     let (db, first, mut pos, _key) = kitchen().await;
-    let second = TestServer::start(&db).await;
+    let second = TestServer::builder(&db).start().await;
     let body = json!({"tenant": "kitchen", "event": {"type": "promo", "data": {"n": 1}}});
     let post = |server: &TestServer, key: &'static str, body: &Value| {
         let request = reqwest::Client::new()
@@ -423,7 +421,7 @@ async fn readyz_turns_503_while_no_sequencer_numbers_and_a_standby_takes_over() 
         .execute("SELECT pg_advisory_lock(28528, 2)", &[])
         .await
         .unwrap();
-    let server = TestServer::start_with(&db, |_| {}).await;
+    let server = TestServer::builder(&db).start().await;
     let mut pos = Pos::connect(&server, "kitchen", &key, None).await;
     insert_loyalty(&db.client().await, "kitchen", 1).await;
     eventually(
@@ -515,7 +513,7 @@ async fn an_undecodable_row_becomes_bad_event_and_the_server_keeps_serving() {
     c.batch_execute("UPDATE orderpush.events SET emitted_at = 'infinity' WHERE id = 1")
         .await
         .unwrap();
-    let server = TestServer::start(&db).await;
+    let server = TestServer::builder(&db).start().await;
     let mut resumed = Pos::connect(&server, "kitchen", &key, Some(0)).await;
     let ev = resumed.next().await;
     assert_eq!(ev["type"], "resync_required", "{ev}");

@@ -292,6 +292,14 @@ pub async fn replay(
         .collect())
 }
 
+/// Whether the database has orderpush's event log (the migrations were applied).
+pub async fn installed(client: &impl GenericClient) -> Result<bool, DbError> {
+    Ok(client
+        .query_one("SELECT to_regclass('orderpush.events') IS NOT NULL", &[])
+        .await?
+        .get(0))
+}
+
 /// Rows deleted per retention statement: small enough that each DELETE holds its row locks for
 /// milliseconds and never blocks writers (they never touch old rows anyway).
 pub const PRUNE_BATCH: i64 = 5_000;

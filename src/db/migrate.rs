@@ -22,15 +22,6 @@ const MIGRATION_LOCK_KEY: i64 = 0x6f70_6d67;
 /// refinery's bookkeeping table (its default name; orderpush does not change it).
 pub const HISTORY_TABLE: &str = "refinery_schema_history";
 
-/// How long one DDL statement may wait for a table lock. While `CREATE TRIGGER` waits for a
-/// lock on `orders`, every application write to `orders` queues behind it; 5 s is longer than
-/// any healthy web-app transaction yet short enough that a stalled till sees a blip, not an
-/// outage.
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts before `migrate` gives up on a lock: five tries spread over about half a minute
-/// outlast an ordinary burst, and still fail a deploy quickly when a session holds a lock for
-/// good (an idle-in-transaction connection) and a human must step in.
-pub const LOCK_ATTEMPTS: u32 = 5;
 /// Wait before the first retry; doubled after each failed attempt.
 pub const RETRY_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts.
@@ -55,8 +46,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            lock_timeout: LOCK_TIMEOUT,
-            attempts: LOCK_ATTEMPTS,
+            lock_timeout: crate::config::MIGRATE_LOCK_TIMEOUT,
+            attempts: crate::config::MIGRATE_LOCK_ATTEMPTS,
             target: None,
         }
     }
@@ -600,42 +591,4 @@ pub async fn dry_run(
         );
     }
     Ok((sql, names))
-}
-
-/// `migrate status` as a text table for people.
-pub fn render_status(statuses: &[MigrationStatus]) -> String {
-    let mut s = format!(
-        "{:<8} {:<32} {:<10} {:<34} CHECKSUM\n",
-        "VERSION", "NAME", "STATE", "APPLIED ON"
-    );
-    for m in statuses {
-        let checksum = match (&m.checksum, &m.applied_checksum) {
-            (Some(c), Some(a)) if c != a => format!("{a} (this binary: {c})"),
-            (Some(c), _) => c.clone(),
-            (None, Some(a)) => a.clone(),
-            (None, None) => "-".into(),
-        };
-        let _ = writeln!(
-            s,
-            "{:<8} {:<32} {:<10} {:<34} {checksum}",
-            m.version,
-            m.name,
-            m.state.as_str(),
-            m.applied_on.as_deref().unwrap_or("-"),
-        );
-    }
-    let pending = statuses
-        .iter()
-        .filter(|m| m.state == State::Pending)
-        .count();
-    let _ = writeln!(
-        s,
-        "\n{pending} pending{}",
-        if statuses.iter().any(|m| m.state == State::Divergent) {
-            "; DIVERGENT migrations were edited after they ran: `migrate` refuses until resolved"
-        } else {
-            ""
-        }
-    );
-    s
 }

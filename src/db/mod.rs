@@ -1,13 +1,27 @@
-//! Postgres access: connection settings, the pool, and one module per group of queries.
+//! Postgres access: connection settings, the pool, and one module per group of queries. Every
+//! SQL statement of the service lives in this module tree.
 
+/// The live-instance rule, written once: the CTE `live`, the instances whose heartbeat is within
+/// `$1` seconds (every query that uses it binds [`presence::STALE_AFTER`] there). Used as
+/// `concat!("WITH ", live_instances!(), " SELECT … FROM live …")`.
+macro_rules! live_instances {
+    () => {
+        "live AS (SELECT * FROM orderpush.instances
+                  WHERE heartbeat_at >= now() - make_interval(secs => $1))"
+    };
+}
+
+pub mod admin;
 pub mod broadcasts;
 pub mod events;
 pub mod keys;
 pub mod migrate;
+pub mod presence;
 pub mod sequencer;
 pub mod snapshot;
 pub mod triggers;
 pub mod uninstall;
+pub mod wakeup;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,6 +209,20 @@ pub async fn connect(
         }
     });
     Ok(client)
+}
+
+/// Subscribes `client`'s session to the NOTIFY `channel`: one of the channel constants of this
+/// module tree ([`sequencer::BATCH_CHANNEL`], [`sequencer::STAGED_CHANNEL`],
+/// [`keys::CHANGES_CHANNEL`]), which are plain identifiers and are not quoted.
+pub async fn listen(client: &tokio_postgres::Client, channel: &'static str) -> Result<(), DbError> {
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    Ok(())
+}
+
+/// One round trip that proves the connection alive.
+pub async fn ping(client: &tokio_postgres::Client) -> Result<(), DbError> {
+    client.simple_query("SELECT 1").await?;
+    Ok(())
 }
 
 /// Checks a tenant slug's syntax (the `tenants.slug` CHECK constraint) without a query.

@@ -11,13 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Serialize;
 use serde_json::{Value, json};
-use tokio_postgres::GenericClient;
 
 use super::{AppState, Error, auth};
-use crate::db::{DbError, is_valid_tenant_slug};
-use crate::presence::STALE_AFTER;
+use crate::db::{self, DbError, is_valid_tenant_slug};
 
 /// Most tenants `GET /admin/tenants` lists; past it the answer says `"truncated": true`. Keeps
 /// one request's memory and time bounded on a database with very many tenants.
@@ -107,126 +104,6 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
     Some(password.to_owned())
 }
 
-/// One running instance, as its heartbeat row says.
-#[derive(Debug, Serialize)]
-pub struct InstanceRow {
-    /// Random per process.
-    pub id: String,
-    /// Host name.
-    pub hostname: String,
-    /// Process id.
-    pub pid: i32,
-    /// Address it serves on.
-    pub listen: String,
-    /// orderpush version.
-    pub version: String,
-    /// Start time (ISO 8601 UTC).
-    pub started_at: String,
-    /// Last heartbeat (ISO 8601 UTC).
-    pub heartbeat_at: String,
-    /// Its listener is following the log.
-    pub listener_up: bool,
-    /// notify | gated | poll.
-    pub listener_mode: Option<String>,
-    /// Milliseconds since its listener's last completed read.
-    pub listener_read_age_ms: Option<i64>,
-    /// Commit-to-send lag of the last event its listener read, in milliseconds.
-    pub listener_lag_ms: Option<f64>,
-    /// Events per second it read.
-    pub events_per_second: f64,
-    /// POS sockets connected to it.
-    pub connections: i64,
-}
-
-/// One connected terminal.
-#[derive(Debug, Serialize)]
-pub struct ConnectionRow {
-    /// Tenant slug.
-    pub tenant: String,
-    /// The key's public id (the terminal).
-    pub key_id: String,
-    /// The key's label.
-    pub key_label: Option<String>,
-    /// The instance it is connected to.
-    pub instance: String,
-    /// Its remote address as that instance saw it.
-    pub peer: String,
-    /// Since when (ISO 8601 UTC).
-    pub connected_at: String,
-    /// The last event id written to it.
-    pub last_delivered_id: Option<i64>,
-    /// The last id it acknowledged.
-    pub last_acked_id: Option<i64>,
-}
-
-/// Live instances, oldest id first.
-pub async fn instances(client: &impl GenericClient) -> Result<Vec<InstanceRow>, DbError> {
-    let rows = client
-        .query(
-            "SELECT i.id, i.hostname, i.pid, i.listen, i.version, orderpush.iso(i.started_at),
-                    orderpush.iso(i.heartbeat_at), i.listener_up, i.listener_mode,
-                    i.listener_read_age_ms, i.events_per_second, i.listener_lag_ms,
-                    (SELECT count(*) FROM orderpush.connections c WHERE c.instance_id = i.id)
-             FROM orderpush.instances i
-             WHERE i.heartbeat_at >= now() - make_interval(secs => $1)
-             ORDER BY i.id",
-            &[&STALE_AFTER.as_secs_f64()],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| InstanceRow {
-            id: r.get(0),
-            hostname: r.get(1),
-            pid: r.get(2),
-            listen: r.get(3),
-            version: r.get(4),
-            started_at: r.get(5),
-            heartbeat_at: r.get(6),
-            listener_up: r.get(7),
-            listener_mode: r.get(8),
-            listener_read_age_ms: r.get(9),
-            events_per_second: r.get(10),
-            connections: r.get(12),
-            listener_lag_ms: r.get(11),
-        })
-        .collect())
-}
-
-/// Terminals connected to live instances, of one tenant or of all, by tenant then age.
-pub async fn connections(
-    client: &impl GenericClient,
-    tenant: Option<&str>,
-) -> Result<Vec<ConnectionRow>, DbError> {
-    let rows = client
-        .query(
-            "SELECT c.tenant_slug, c.key_id, k.label, c.instance_id, c.peer,
-                    orderpush.iso(c.connected_at), c.last_delivered_id, c.last_acked_id
-             FROM orderpush.connections c
-             JOIN orderpush.instances i ON i.id = c.instance_id
-             LEFT JOIN orderpush.api_keys k ON k.id = c.key_id
-             WHERE i.heartbeat_at >= now() - make_interval(secs => $1)
-               AND ($2::text IS NULL OR c.tenant_slug = $2)
-             ORDER BY c.tenant_slug, c.connected_at, c.key_id
-             LIMIT $3",
-            &[&STALE_AFTER.as_secs_f64(), &tenant, &MAX_CONNECTIONS],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ConnectionRow {
-            tenant: r.get(0),
-            key_id: r.get(1),
-            key_label: r.get(2),
-            instance: r.get(3),
-            peer: r.get(4),
-            connected_at: r.get(5),
-            last_delivered_id: r.get(6),
-            last_acked_id: r.get(7),
-        })
-        .collect())
-}
-
 /// Runs a query on the admin share of the pool (`db::ADMIN_CONNECTIONS`, so a flood of admin
 /// requests cannot take the connections logins need) within [`QUERY_TIMEOUT`]; a query that
 /// times out is cancelled and answered 503.
@@ -248,31 +125,9 @@ async fn tenants(
 ) -> Result<Json<Value>, Response> {
     authorize(&state, peer, &headers, Challenge::Bearer).map_err(IntoResponse::into_response)?;
     let (instances, tenants) = with_client(&state, async |c| {
-        let instances = instances(&***c).await?;
-        let rows = c
-            .query(
-                "WITH live AS (
-                     SELECT id FROM orderpush.instances
-                     WHERE heartbeat_at >= now() - make_interval(secs => $1)),
-                 conns AS (
-                     SELECT c.tenant_slug, count(*) AS connections,
-                            count(DISTINCT c.key_id) AS terminals,
-                            orderpush.iso(min(c.connected_at)) AS since
-                     FROM orderpush.connections c JOIN live ON live.id = c.instance_id
-                     GROUP BY c.tenant_slug)
-                 SELECT t.slug, t.name, coalesce(s.seq, 0),
-                        (SELECT count(*) FROM orderpush.api_keys k
-                         WHERE k.tenant_slug = t.slug AND k.revoked_at IS NULL),
-                        coalesce(c.connections, 0), coalesce(c.terminals, 0), c.since
-                 FROM public.tenants t
-                 LEFT JOIN orderpush.heads s ON s.tenant_slug = t.slug
-                 LEFT JOIN conns c ON c.tenant_slug = t.slug
-                 ORDER BY t.slug
-                 LIMIT $2",
-                &[&STALE_AFTER.as_secs_f64(), &(MAX_TENANTS + 1)],
-            )
-            .await?;
-        Ok((instances, rows))
+        let instances = db::admin::instances(&***c).await?;
+        let tenants = db::admin::tenants(&***c, MAX_TENANTS + 1).await?;
+        Ok((instances, tenants))
     })
     .await
     .map_err(IntoResponse::into_response)?;
@@ -280,15 +135,15 @@ async fn tenants(
     let tenants: Vec<Value> = tenants
         .iter()
         .take(MAX_TENANTS as usize)
-        .map(|r| {
+        .map(|t| {
             json!({
-                "tenant": r.get::<_, String>(0),
-                "name": r.get::<_, String>(1),
-                "latest_event_id": r.get::<_, i64>(2),
-                "active_keys": r.get::<_, i64>(3),
-                "connections": r.get::<_, i64>(4),
-                "terminals": r.get::<_, i64>(5),
-                "connected_since": r.get::<_, Option<String>>(6),
+                "tenant": t.tenant,
+                "name": t.name,
+                "latest_event_id": t.latest_event_id,
+                "active_keys": t.active_keys,
+                "connections": t.connections,
+                "terminals": t.terminals,
+                "connected_since": t.connected_since,
             })
         })
         .collect();
@@ -313,30 +168,11 @@ async fn tenant(
         return Err(not_found());
     }
     let found = with_client(&state, async |c| {
-        let Some(t) = c
-            .query_opt(
-                "SELECT t.name, coalesce(s.seq, 0) FROM public.tenants t
-                 LEFT JOIN orderpush.heads s ON s.tenant_slug = t.slug
-                 WHERE t.slug = $1",
-                &[&slug],
-            )
-            .await?
-        else {
+        let Some(t) = db::admin::tenant(&***c, &slug).await? else {
             return Ok(None);
         };
-        let connections = connections(&***c, Some(&slug)).await?;
-        let keys = c
-            .query(
-                "SELECT k.id, k.label, orderpush.iso(k.created_at), orderpush.iso(k.revoked_at),
-                        EXISTS (SELECT 1 FROM orderpush.connections c
-                                JOIN orderpush.instances i ON i.id = c.instance_id
-                                WHERE c.key_id = k.id
-                                  AND i.heartbeat_at >= now() - make_interval(secs => $2))
-                 FROM orderpush.api_keys k WHERE k.tenant_slug = $1
-                 ORDER BY k.created_at, k.id",
-                &[&slug, &STALE_AFTER.as_secs_f64()],
-            )
-            .await?;
+        let connections = db::admin::connections(&***c, Some(&slug), MAX_CONNECTIONS).await?;
+        let keys = db::admin::tenant_keys(&***c, &slug).await?;
         Ok(Some((t, connections, keys)))
     })
     .await
@@ -348,18 +184,18 @@ async fn tenant(
         .iter()
         .map(|k| {
             json!({
-                "id": k.get::<_, String>(0),
-                "label": k.get::<_, Option<String>>(1),
-                "created": k.get::<_, String>(2),
-                "revoked": k.get::<_, Option<String>>(3),
-                "connected": k.get::<_, bool>(4),
+                "id": k.id,
+                "label": k.label,
+                "created": k.created,
+                "revoked": k.revoked,
+                "connected": k.connected,
             })
         })
         .collect();
     Ok(Json(json!({
         "tenant": slug,
-        "name": t.get::<_, String>(0),
-        "latest_event_id": t.get::<_, i64>(1),
+        "name": t.name,
+        "latest_event_id": t.latest_event_id,
         "connections": connections,
         "keys": keys,
     })))

@@ -2,7 +2,6 @@
 //! caller that is really local), POS key verification through the key cache, and the middleware
 //! that charges bad credentials to the caller's address and throttles it (429).
 
-pub mod key_cache;
 pub mod limiter;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,10 +16,13 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-pub use key_cache::{KEY_CACHE_MAX, KEY_CACHE_TTL, KeyCache, REVOCATION_FRESHNESS, VerifiedKey};
+pub use crate::revocation::key_cache::{
+    KEY_CACHE_MAX, KEY_CACHE_TTL, KeyCache, REVOCATION_FRESHNESS, UNVERIFIABLE_RETRY_AFTER,
+    VerifiedKey,
+};
 pub use limiter::{
-    AUTH_COOLDOWN, AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW, AUTH_LIMITER_MAX_ADDRESSES,
-    AuthLimiter, BLOCKED_LOOKUP_INTERVAL, limiter_key,
+    AUTH_FAILURE_WINDOW, AUTH_LIMITER_MAX_ADDRESSES, AuthLimiter, BLOCKED_LOOKUP_INTERVAL,
+    limiter_key,
 };
 
 use super::{AppState, Error};
@@ -227,7 +229,7 @@ pub async fn verify_key(
         // is not known to be bad: the client must retry, not give up.
         Err(e) => {
             warn!(error = %e, "could not look up a POS key; answering 503");
-            Err(Error::KeyUnverifiable(whole_seconds(key_cache::UNVERIFIABLE_RETRY_AFTER)).into())
+            Err(Error::KeyUnverifiable(whole_seconds(UNVERIFIABLE_RETRY_AFTER)).into())
         }
     }
 }

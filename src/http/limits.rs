@@ -9,26 +9,6 @@ use std::time::Duration;
 use crate::config::Tuning;
 use crate::metrics::RefusalReason;
 
-/// WebSocket connections one instance holds at most. The service is sized and benchmarked for
-/// 10,000 terminals at about 4 KiB each while idle (docs/benchmarks.md); 50,000 leaves room for
-/// a fleet failing over from other instances, yet bounds what a flood of connections with valid
-/// keys can take (≈ 200 MiB and 50,000 file descriptors) before the process itself suffers.
-pub const MAX_CONNECTIONS: usize = 50_000;
-
-/// WebSocket connections one API key may hold at once. A key belongs to one terminal
-/// (docs/protocol.md), which needs one socket; but a till that loses its network reconnects
-/// while the server still holds its old socket until the dead-peer deadline (60 s) drops it,
-/// and a flaky link can do that twice within that minute. 4 covers those reconnects (and an
-/// operator's `orderpush tail` with the same key), while a leaked key or a client stuck in a
-/// reconnect loop cannot open thousands.
-pub const MAX_CONNECTIONS_PER_KEY: usize = 4;
-
-/// WebSocket connections one tenant may hold at once. The largest restaurant groups run a few
-/// hundred terminals; 2,000 is several times that, reconnect overlap included, while no single
-/// tenant (a misconfigured fleet, a set of leaked keys) can take more than 4 % of an instance's
-/// [`MAX_CONNECTIONS`] away from everyone else.
-pub const MAX_CONNECTIONS_PER_TENANT: usize = 2_000;
-
 /// The `Retry-After` sent with a refusal. A till refused for its key is usually waiting for its
 /// own old socket to be dropped (within the 60 s dead-peer deadline): retrying every 10 s gets it
 /// back within seconds of that, matches the 10 s cap of the backoff docs/protocol.md recommends,

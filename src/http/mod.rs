@@ -50,7 +50,7 @@ pub struct Shared {
     /// The listener's state, for /readyz.
     pub listener: Arc<ListenerHealth>,
     /// Cached key lookups.
-    pub keys: auth::KeyCache,
+    pub keys: Arc<auth::KeyCache>,
     /// Required bearer token for /broadcast, if configured.
     pub broadcast_token: Option<String>,
     /// Required bearer token for /admin/* and /status, if configured.

@@ -35,22 +35,6 @@ use tracing::{debug, error};
 
 use crate::config::Tuning;
 
-/// How long a client may take to send a request's headers, counted from the request's first
-/// byte (from the accept, for a new connection's first request). Real clients send a head in
-/// one packet, within milliseconds; 10 s still covers retransmissions on a bad mobile link,
-/// while a client that holds connections open by trickling headers (slowloris) loses each one
-/// after 10 s instead of never. (hyper's default would be 30 s, nginx's 60 s: both let one
-/// client hold many more connections for the same effort.)
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a keep-alive connection may sit idle between requests before it is closed. Reusing
-/// a connection saves the web app's /broadcast client and a metrics scraper a handshake per
-/// request, and 60 s covers the usual scrape intervals (15-60 s); past that an idle connection
-/// only holds a socket and a task. It matches the idle timeouts that proxies and load balancers
-/// default to (nginx, cloud load balancers: 60 s): set a proxy's upstream idle timeout below
-/// it, so the proxy closes first and never sends a request on a connection being closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Pause after an `accept` failure that is not the client's (out of file descriptors or
 /// memory): retrying at once would spin a core while nothing can succeed; a short pause lets
 /// connections close, and costs terminals of a reconnect storm little.
@@ -59,9 +43,9 @@ pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// The two connection deadlines.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// See [`HEADER_READ_TIMEOUT`].
+    /// See [`crate::config::HEADER_READ_TIMEOUT`].
     pub header_read: Duration,
-    /// See [`IDLE_TIMEOUT`].
+    /// See [`crate::config::IDLE_TIMEOUT`].
     pub idle: Duration,
 }
 

@@ -18,9 +18,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::AppState;
-use super::admin::{self, Challenge, ConnectionRow};
+use super::admin::{self, Challenge};
 use crate::activity::{RecentEvent, Undelivered};
-use crate::presence::STALE_AFTER;
+use crate::db::{self, admin::ConnectionRow};
 
 /// The page itself: static, no data (the data comes from `/status/data`).
 const PAGE: &str = include_str!("status/index.html");
@@ -118,23 +118,10 @@ async fn data(
     let recent = state.activity.recent();
     let undelivered = state.activity.undelivered();
     let from_db = admin::with_client(&state, async |c| {
-        let instances = admin::instances(&***c).await?;
-        let connections = admin::connections(&***c, None).await?;
-        let counts = c
-            .query_one(
-                "SELECT (SELECT count(*) FROM public.tenants),
-                        (SELECT count(*) FROM orderpush.connections c
-                         JOIN orderpush.instances i ON i.id = c.instance_id
-                         WHERE i.heartbeat_at >= now() - make_interval(secs => $1))",
-                &[&STALE_AFTER.as_secs_f64()],
-            )
-            .await?;
-        Ok((
-            instances,
-            connections,
-            counts.get::<_, i64>(0),
-            counts.get::<_, i64>(1),
-        ))
+        let instances = db::admin::instances(&***c).await?;
+        let connections = db::admin::connections(&***c, None, admin::MAX_CONNECTIONS).await?;
+        let (tenants, connections_total) = db::admin::counts(&***c).await?;
+        Ok((instances, connections, tenants, connections_total))
     })
     .await;
     let (instances, connections, tenant_count, connection_count, database_error) = match from_db {
@@ -241,31 +228,18 @@ pub async fn refresh_gauges(state: AppState) {
             _ = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let read = state
-            .admin_db
-            .run(GAUGE_QUERY_TIMEOUT, async |c| {
-                Ok(c.query_one(
-                    "SELECT pg_notification_queue_usage(),
-                            (SELECT count(*) FROM public.tenants t
-                             WHERE EXISTS (SELECT 1 FROM orderpush.api_keys k
-                                           WHERE k.tenant_slug = t.slug AND k.revoked_at IS NULL)
-                               AND NOT EXISTS (SELECT 1 FROM orderpush.connections c
-                                               JOIN orderpush.instances i ON i.id = c.instance_id
-                                               WHERE c.tenant_slug = t.slug
-                                                 AND i.heartbeat_at >= now() - make_interval(secs => $1)))",
-                    &[&STALE_AFTER.as_secs_f64()],
-                )
-                .await?)
-            });
+        let read = state.admin_db.run(GAUGE_QUERY_TIMEOUT, async |c| {
+            db::admin::gauges(&***c).await
+        });
         let read = tokio::select! {
             _ = state.shutdown.cancelled() => return,
             r = read => r,
         };
         match read {
-            Ok(row) => state.db_gauges.set(GaugeReading {
+            Ok(gauges) => state.db_gauges.set(GaugeReading {
                 at: Instant::now(),
-                notification_queue_usage: row.get(0),
-                tenants_without_terminal: row.get(1),
+                notification_queue_usage: gauges.notification_queue_usage,
+                tenants_without_terminal: gauges.tenants_without_terminal,
             }),
             // Visible as orderpush_scrape_database_ok 0 once the last reading is too old.
             Err(e) => tracing::debug!(error = %e, "database gauges not refreshed"),

@@ -68,11 +68,6 @@ pub const REPLAY_PAGE_BYTES: i64 = 1 << 20;
 /// One replay query slower than this means a sick database: the socket is closed with 1011
 /// and the query cancelled, rather than holding a pooled connection.
 pub const REPLAY_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest replay a socket performs from the event log. A POS that is further behind gets
-/// `resync_required` (`replay_too_long`) and refetches over REST, which is cheaper for both
-/// sides than 100,000 frames (about 100 MB of typical orders) through one socket; days of a
-/// busy restaurant's events still replay.
-pub const MAX_REPLAY_ROWS: i64 = 100_000;
 /// How long we wait for a close frame to be written before dropping the connection.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -9,20 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::Tuning;
 
-/// Failed authentications (401 or 403 for bad credentials on `/ws/pos/...`, `/broadcast`,
-/// `/admin/...` and `/status...`) one address may make within [`AUTH_FAILURE_WINDOW`] before
-/// its further failures are answered 429 for the cooling-off period. Keys are 256-bit random,
-/// so the limit is not what makes guessing hopeless; it bounds the database lookups and log
-/// lines a scanner costs. 50 a minute is far above what a misconfigured POS reconnecting with
-/// any sane backoff (≥ 2 s) produces. Override with `--auth-failure-limit` (0 turns the limiter
-/// off, e.g. behind a proxy that makes every client one address).
-pub const AUTH_FAILURE_LIMIT: u32 = 50;
 /// The window failures are counted in; it restarts with the first failure after it ends.
 pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// How long an address that hit the limit has its bad credentials answered 429 (with
-/// `Retry-After`): long enough to make scanning pointless, short enough that a till fixed by a
-/// human is not refused for long. Valid credentials are never refused by it.
-pub const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
 /// Most addresses tracked at once (about 130 bytes each with the table's overhead: 13 MB at
 /// most). When full: expired entries go first, then the tenth of the addresses still counting
 /// with the fewest failures; an address cooling off is never forgotten. If every entry is

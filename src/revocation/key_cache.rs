@@ -1,5 +1,5 @@
 //! The POS key cache: keys the database confirmed, trusted only as long as revocation can be
-//! checked (the revocation watcher, `crate::revocation`, feeds it), so a changed key is refused
+//! checked (the revocation watcher, [`crate::revocation`], feeds it), so a changed key is refused
 //! at once and a key that cannot be verified is answered 503, never a wrong 401.
 
 use std::collections::HashMap;
