@@ -336,7 +336,8 @@ pub fn bench_url(url: &str) -> String {
     format!("{url}{sep}application_name={BENCH_APP_NAME}")
 }
 
-/// Postgres CPU over a window, from /proc/<pid>/stat of one database's backends, split into the
+/// Postgres CPU over a window, from /proc/<pid>/schedstat of one database's backends (each a
+/// single-threaded process, so its run time to the nanosecond), split into the
 /// bench's own backends (`application_name` [`BENCH_APP_NAME`]: the writers) and all the others
 /// (the service's connections and autovacuum workers on that database). Backends are listed from
 /// `pg_stat_activity` at every [`PgCpu::sample`]; one that appears after the first sample is
@@ -388,10 +389,10 @@ impl PgCpu {
         for r in rows {
             let pid: i32 = r.get(0);
             let app: String = r.get(1);
-            let cpu = crate::servers::cpu_secs(pid as u32);
-            if cpu.is_nan() {
+            let Some(cpu) = crate::servers::schedstat_secs(&format!("/proc/{pid}/schedstat"))
+            else {
                 continue;
-            }
+            };
             let e = self.seen.entry(pid).or_insert((
                 if first { cpu } else { 0.0 },
                 cpu,
@@ -401,19 +402,6 @@ impl PgCpu {
         }
         self.samples += 1;
         Ok(())
-    }
-
-    /// Samples every `every` until `until` (a `now_ns` value), then once more.
-    pub async fn sample_until(&mut self, until: u64, every: Duration) -> Result<()> {
-        loop {
-            self.sample().await?;
-            let now = crate::clock::now_ns();
-            if now >= until {
-                return Ok(());
-            }
-            let left = Duration::from_nanos(until - now);
-            tokio::time::sleep(left.min(every)).await;
-        }
     }
 
     /// CPU used between the first sample and the latest.

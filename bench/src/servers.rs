@@ -345,3 +345,64 @@ pub fn raise_nofile() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// Time a task (a process's main thread, or one thread under /proc/<pid>/task) has run on a
+/// CPU, in seconds, from its `schedstat` (nanoseconds: far finer than the 10 ms clock ticks of
+/// /proc/<pid>/stat); None when the task is gone.
+pub fn schedstat_secs(path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
+/// CPU of a multi-threaded process over a window, to the nanosecond: the sum over its threads'
+/// `schedstat`, read at every [`ThreadsCpu::sample`]. A thread that appears after the first
+/// sample is counted from zero (it started within the window); one that ends between samples
+/// loses what it ran since the last (sample often: tokio's blocking threads come and go).
+pub struct ThreadsCpu {
+    pid: u32,
+    /// tid -> (seconds at its first sample, latest seconds).
+    seen: std::collections::HashMap<u32, (f64, f64)>,
+    samples: usize,
+}
+
+impl ThreadsCpu {
+    pub fn new(pid: u32) -> ThreadsCpu {
+        ThreadsCpu {
+            pid,
+            seen: Default::default(),
+            samples: 0,
+        }
+    }
+
+    /// Reads every thread's run time now.
+    pub fn sample(&mut self) {
+        let first = self.samples == 0;
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) {
+            for e in dir.flatten() {
+                let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Some(secs) =
+                    schedstat_secs(&format!("/proc/{}/task/{tid}/schedstat", self.pid))
+                else {
+                    continue;
+                };
+                let entry = self
+                    .seen
+                    .entry(tid)
+                    .or_insert((if first { secs } else { 0.0 }, secs));
+                entry.1 = secs;
+            }
+        }
+        self.samples += 1;
+    }
+
+    /// CPU seconds between the first sample and the latest.
+    pub fn used(&self) -> f64 {
+        self.seen
+            .values()
+            .map(|&(first, last)| (last - first).max(0.0))
+            .sum()
+    }
+}

@@ -361,13 +361,13 @@ async fn saturate(ctx: &Ctx, p: &Phase<'_>, base: usize) -> Result<Saturated> {
     for s in senders {
         s.await?;
     }
-    // Events actually sent: those whose send time was recorded.
-    let k_end = (base..sent_upto(&next))
-        .take_while(|&k| p.sh.sent[k].load(Ordering::Relaxed) != 0)
-        .last()
-        .map_or(base, |k| k + 1);
+    // Events actually sent: those whose send time was recorded (a sender that claimed a
+    // number as the phase ended sent nothing).
+    let sent: Vec<usize> = (base..sent_upto(&next))
+        .filter(|&k| p.sh.sent[k].load(Ordering::Relaxed) != 0)
+        .collect();
     let drain_end = now_ns() + DRAIN.as_nanos() as u64;
-    while now_ns() < drain_end && (base..k_end).any(|e| !p.sh.complete(e, p.live())) {
+    while now_ns() < drain_end && sent.iter().any(|&e| !p.sh.complete(e, p.live())) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let (cpu, cpu_self) = (cpu.read(), me.read());
@@ -375,7 +375,7 @@ async fn saturate(ctx: &Ctx, p: &Phase<'_>, base: usize) -> Result<Saturated> {
     let mut deliveries = 0u64;
     let mut last_at = 0u64;
     let mut lat = Vec::new();
-    for e in base..k_end {
+    for &e in &sent {
         let c = p.sh.count[e].load(Ordering::Relaxed) as u64;
         deliveries += c;
         let l = p.sh.last[e].load(Ordering::Relaxed);
@@ -384,7 +384,9 @@ async fn saturate(ctx: &Ctx, p: &Phase<'_>, base: usize) -> Result<Saturated> {
             lat.push(l.saturating_sub(p.sh.sent[e].load(Ordering::Relaxed)));
         }
     }
-    let first_sent = p.sh.sent[base].load(Ordering::Relaxed);
+    let first_sent = sent
+        .first()
+        .map_or(0, |&e| p.sh.sent[e].load(Ordering::Relaxed));
     let secs = last_at.saturating_sub(first_sent) as f64 / 1e9;
     let rate = if secs > 0.0 {
         deliveries as f64 / secs
@@ -394,7 +396,7 @@ async fn saturate(ctx: &Ctx, p: &Phase<'_>, base: usize) -> Result<Saturated> {
     let out = Saturated {
         requested: p.requested,
         clients: p.clients,
-        events: (k_end - base) as u64,
+        events: sent.len() as u64,
         deliveries,
         rate,
         latency: Summary::of_ns(&mut lat),
