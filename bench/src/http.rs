@@ -140,3 +140,38 @@ pub async fn get_status(addr: SocketAddr, path: &str) -> Result<u16> {
     let mut c = HttpConn::new(addr);
     Ok(c.request("GET", path, None).await?.0)
 }
+
+/// orderpush's fan-out counters from `/metrics`: (`orderpush_frames_sent_total`,
+/// `orderpush_frames_direct_total`); None when the server has no such endpoint or counters.
+pub async fn frame_counters(addr: SocketAddr) -> Option<(f64, f64)> {
+    let mut c = HttpConn::new(addr);
+    let (status, body) = c.request("GET", "/metrics", None).await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((
+        value("orderpush_frames_sent_total")?,
+        value("orderpush_frames_direct_total")?,
+    ))
+}
+
+/// Whether a 200 answer of `/broadcast` says the event was numbered: orderpush answers
+/// `"numbered": false` when no sequencer numbered it in time; Node and a numbered answer
+/// (`"id": N`) count as numbered.
+pub fn broadcast_numbered(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        numbered: Option<bool>,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .ok()
+        .and_then(|a| a.numbered)
+        .unwrap_or(true)
+}

@@ -133,6 +133,7 @@ async fn run_scenarios(ctx: &mut Ctx, res: &mut Results) -> Result<()> {
             "writepath" => scenarios::writepath::run(ctx, res).await,
             "broadcast" => scenarios::broadcast::run(ctx, res).await,
             "storm" => scenarios::storm::run(ctx, res).await,
+            "tenants" => scenarios::tenants::run(ctx, res).await,
             _ => Ok(()),
         };
         if let Err(e) = r {

@@ -100,19 +100,35 @@ pub fn tenant_slug(i: usize) -> String {
     format!("t{i:03}")
 }
 
-/// Inserts tenants `t000..` into `public.tenants`.
+/// Inserts tenants `t000..` (slugs as [`tenant_slug`] spells them) into `public.tenants` with one
+/// `INSERT ... SELECT generate_series`, so 100,000 tenants take one statement.
 pub async fn insert_tenants(url: &str, n: usize) -> Result<()> {
     let c = connect(url).await?;
-    let mut sql = String::from("INSERT INTO tenants (slug, name) VALUES ");
-    for i in 0..n {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!("('{}', 'Bench restaurant {i}')", tenant_slug(i)));
-    }
-    sql.push_str(" ON CONFLICT DO NOTHING");
-    c.batch_execute(&sql).await?;
+    let sql = "INSERT INTO tenants (slug, name) \
+               SELECT 't' || CASE WHEN g < 1000 THEN lpad(g::text, 3, '0') ELSE g::text END, \
+                      'Bench restaurant ' || g \
+               FROM generate_series(0, $1::bigint - 1) AS g \
+               ON CONFLICT DO NOTHING";
+    c.execute(sql, &[&(n as i64)]).await?;
     Ok(())
+}
+
+/// Rows waiting in orderpush's staging table (written, not yet numbered by the sequencer).
+pub async fn staged_rows(c: &Client) -> Result<i64> {
+    Ok(c.query_one("SELECT count(*) FROM orderpush.staged", &[])
+        .await?
+        .get(0))
+}
+
+/// Events numbered so far, over all tenants: the sum of the per-tenant heads (ids are gap-free
+/// per tenant, so the head is the tenant's event count).
+pub async fn numbered_events(c: &Client) -> Result<i64> {
+    Ok(c.query_one(
+        "SELECT coalesce(sum(seq), 0)::bigint FROM orderpush.heads",
+        &[],
+    )
+    .await?
+    .get(0))
 }
 
 /// Runs a SQL file as one batch.
@@ -225,6 +241,8 @@ COMMIT;
 pub struct PgbenchRun {
     pub writers: usize,
     pub tps: f64,
+    /// Transactions committed ("number of transactions actually processed").
+    pub transactions: u64,
     pub latency: Summary,
     pub failed: u64,
 }
@@ -269,6 +287,13 @@ pub async fn pgbench(
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|v| v.parse::<f64>().ok())
         .ok_or_else(|| anyhow!("no tps line in pgbench output:\n{out}"))?;
+    let transactions = out
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split(['/', ' ']).find(|x| !x.is_empty()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no transaction count in pgbench output:\n{out}"))?;
     let failed = out
         .lines()
         .find(|l| l.starts_with("number of failed transactions"))
@@ -295,7 +320,104 @@ pub async fn pgbench(
     Ok(PgbenchRun {
         writers,
         tps,
+        transactions,
         latency: Summary::of_us(&mut lat_us),
         failed,
     })
+}
+
+/// `application_name` of the bench's own connections (writers, samplers), so that the Postgres
+/// CPU attributed to the service leaves them out.
+pub const BENCH_APP_NAME: &str = "orderpush-bench";
+
+/// `url` with the bench's `application_name`.
+pub fn bench_url(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={BENCH_APP_NAME}")
+}
+
+/// Postgres CPU over a window, from /proc/<pid>/schedstat of one database's backends (each a
+/// single-threaded process, so its run time to the nanosecond), split into the
+/// bench's own backends (`application_name` [`BENCH_APP_NAME`]: the writers) and all the others
+/// (the service's connections and autovacuum workers on that database). Backends are listed from
+/// `pg_stat_activity` at every [`PgCpu::sample`]; one that appears after the first sample is
+/// counted from zero (it started within the window), one that ends between samples loses what
+/// it used since the last. The postmaster's cluster-wide processes (WAL writer, checkpointer)
+/// are left out: other databases on the cluster share them.
+pub struct PgCpu {
+    client: Client,
+    db: String,
+    /// pid -> (CPU seconds at its first sample, latest CPU seconds, bench's own backend).
+    seen: std::collections::HashMap<i32, (f64, f64, bool)>,
+    samples: usize,
+}
+
+/// What [`PgCpu`] measured, in CPU seconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PgCpuUse {
+    /// The service's backends and autovacuum on the database.
+    pub service: f64,
+    /// The bench's own backends (writers).
+    pub bench: f64,
+    /// Distinct backends seen.
+    pub backends: usize,
+}
+
+impl PgCpu {
+    /// Opens the sampler's own connection to `db` (its backend is never counted).
+    pub async fn new(cfg: &PgConfig, db: &str) -> Result<PgCpu> {
+        let client = connect(&bench_url(&cfg.url(db))).await?;
+        Ok(PgCpu {
+            client,
+            db: db.to_string(),
+            seen: Default::default(),
+            samples: 0,
+        })
+    }
+
+    /// Reads every backend's CPU time now.
+    pub async fn sample(&mut self) -> Result<()> {
+        let rows = self
+            .client
+            .query(
+                "SELECT pid, coalesce(application_name, '') FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.db],
+            )
+            .await?;
+        let first = self.samples == 0;
+        for r in rows {
+            let pid: i32 = r.get(0);
+            let app: String = r.get(1);
+            let Some(cpu) = crate::servers::schedstat_secs(&format!("/proc/{pid}/schedstat"))
+            else {
+                continue;
+            };
+            let e = self.seen.entry(pid).or_insert((
+                if first { cpu } else { 0.0 },
+                cpu,
+                app.starts_with(BENCH_APP_NAME),
+            ));
+            e.1 = cpu;
+        }
+        self.samples += 1;
+        Ok(())
+    }
+
+    /// CPU used between the first sample and the latest.
+    pub fn used(&self) -> PgCpuUse {
+        let mut u = PgCpuUse {
+            backends: self.seen.len(),
+            ..Default::default()
+        };
+        for &(first, last, bench) in self.seen.values() {
+            let d = (last - first).max(0.0);
+            if bench {
+                u.bench += d;
+            } else {
+                u.service += d;
+            }
+        }
+        u
+    }
 }

@@ -29,6 +29,12 @@ pub struct Row {
     pub target: Option<String>,
     /// Whether orderpush met it (None: not judged, e.g. not measured).
     pub met: Option<bool>,
+    /// A stretch goal beyond the target, in words, and whether orderpush reached it.
+    pub moonshot: Option<String>,
+    pub moonshot_met: Option<bool>,
+    /// Why the figure is not a valid measurement (e.g. the service left rows unnumbered); the
+    /// status then says INVALID whatever the value.
+    pub invalid: Option<String>,
     pub note: String,
 }
 
@@ -43,6 +49,9 @@ impl Row {
             better,
             target: None,
             met: None,
+            moonshot: None,
+            moonshot_met: None,
+            invalid: None,
             note: String::new(),
         }
     }
@@ -58,6 +67,24 @@ impl Row {
     pub fn target(mut self, text: &str, ok: impl Fn(f64) -> bool) -> Row {
         self.target = Some(text.into());
         self.met = self.orderpush.map(ok);
+        self
+    }
+    /// Judges orderpush's value with `ok`, which may decline (None: e.g. the reference it
+    /// compares with was not measured).
+    pub fn target_if(mut self, text: &str, ok: impl Fn(f64) -> Option<bool>) -> Row {
+        self.target = Some(text.into());
+        self.met = self.orderpush.and_then(ok);
+        self
+    }
+    /// A stretch goal, judged like the target.
+    pub fn moonshot(mut self, text: &str, ok: impl Fn(f64) -> bool) -> Row {
+        self.moonshot = Some(text.into());
+        self.moonshot_met = self.orderpush.map(ok);
+        self
+    }
+    /// Marks the figure as not a valid measurement, with the reason.
+    pub fn invalid(mut self, why: Option<String>) -> Row {
+        self.invalid = why;
         self
     }
     pub fn note(mut self, n: impl Into<String>) -> Row {
@@ -91,6 +118,12 @@ pub struct Results {
     pub fanout_latency: BTreeMap<String, Vec<(f64, f64, f64, f64)>>,
     /// config -> [(writers, tps)] of the write path.
     pub write_tps: BTreeMap<String, Vec<(usize, f64)>>,
+    /// server -> [(clients, server CPU µs per delivery, of which user µs, system µs)] of the
+    /// fan-out at saturation.
+    pub fanout_cpu: BTreeMap<String, Vec<(usize, f64, f64, f64)>>,
+    /// [(tenants, service cores at rest, Postgres cores at rest, service cores under load,
+    /// Postgres cores under load)] of the tenants scenario.
+    pub tenants_cpu: Vec<(usize, f64, f64, f64, f64)>,
     pub notes: Vec<String>,
 }
 
@@ -101,16 +134,42 @@ fn fmt_num(v: Option<f64>) -> String {
         Some(v) if v.abs() >= 1000.0 => format!("{:.0}", v),
         Some(v) if v.abs() >= 100.0 => format!("{:.1}", v),
         Some(v) if v.fract() == 0.0 => format!("{:.0}", v),
-        Some(v) => format!("{:.2}", v),
+        Some(v) if v.abs() >= 1.0 => format!("{:.2}", v),
+        // Small figures (CPU cores at rest, µs) keep two significant digits or more.
+        Some(v) if v.abs() >= 0.1 => format!("{:.3}", v),
+        Some(v) => format!("{:.4}", v),
     }
 }
 
 fn status(r: &Row) -> &'static str {
-    match r.met {
-        Some(true) => "met",
-        Some(false) => "NOT met",
-        None if r.target.is_some() => "not measured",
-        None => "",
+    if r.invalid.is_some() {
+        return "INVALID";
+    }
+    match (r.met, r.moonshot_met) {
+        (Some(true), Some(true)) => "met, moonshot met",
+        (Some(true), _) => "met",
+        (Some(false), _) => "NOT met",
+        (None, _) if r.target.is_some() => "not measured",
+        (None, _) => "",
+    }
+}
+
+/// The target column: the target and, if any, its moonshot.
+fn target_text(r: &Row) -> String {
+    match (&r.target, &r.moonshot) {
+        (Some(t), Some(m)) => format!("{t} (moonshot {m})"),
+        (Some(t), None) => t.clone(),
+        (None, Some(m)) => format!("moonshot {m}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// The note column, with the reason a figure is invalid first.
+fn note_text(r: &Row) -> String {
+    match &r.invalid {
+        Some(why) if r.note.is_empty() => format!("INVALID: {why}"),
+        Some(why) => format!("INVALID: {why}; {}", r.note),
+        None => r.note.clone(),
     }
 }
 
@@ -134,7 +193,7 @@ pub fn print_table(res: &Results) {
             r.advantage()
                 .map(|a| format!("{a:.2}x"))
                 .unwrap_or_default(),
-            r.target.clone().unwrap_or_default(),
+            target_text(r),
             status(r).into(),
         ]);
     }
@@ -161,6 +220,9 @@ pub fn print_table(res: &Results) {
             );
         }
     }
+    for r in res.rows.iter().filter(|r| r.invalid.is_some()) {
+        println!("INVALID: {} {}: {}", r.scenario, r.metric, note_text(r));
+    }
     for n in &res.notes {
         println!("note: {n}");
     }
@@ -185,7 +247,8 @@ pub fn markdown(res: &Results, chart: Option<&str>) -> String {
     s.push_str(
         "\n\"op vs node\" is how many times better orderpush is than the Node baseline on that \
          line (above 1: orderpush better), measured in the same run with the same client code. \
-         Targets are issue 4's and are judged on orderpush's figure.\n\n",
+         Targets (and moonshots, stretch goals beyond them) are judged on orderpush's figure; \
+         INVALID marks a figure the run could not vouch for (the note says why).\n\n",
     );
     s.push_str("| scenario | metric | orderpush | node | op vs node | target | status | note |\n");
     s.push_str("|---|---|---:|---:|---:|---|---|---|\n");
@@ -200,13 +263,13 @@ pub fn markdown(res: &Results, chart: Option<&str>) -> String {
             r.advantage()
                 .map(|a| format!("{a:.2}×"))
                 .unwrap_or_default(),
-            r.target.clone().unwrap_or_default(),
+            target_text(r),
             match status(r) {
-                "met" => "**met**",
-                "NOT met" => "**NOT met**",
-                x => x,
+                "" => String::new(),
+                "not measured" => "not measured".into(),
+                x => format!("**{x}**"),
             },
-            r.note.replace('|', "\\|")
+            note_text(r).replace('|', "\\|")
         ));
     }
     if let Some(c) = chart {

@@ -190,13 +190,21 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 
 /// CPU time (user + system) a process has used so far, in seconds (/proc/<pid>/stat).
 pub fn cpu_secs(pid: u32) -> f64 {
+    let (user, sys) = cpu_times(pid);
+    user + sys
+}
+
+/// CPU time a process has used so far, split into user space (utime) and kernel (stime), in
+/// seconds, from /proc/<pid>/stat (pid 0: this process). Both include exited threads. Clock
+/// ticks (10 ms here) are the resolution; NaN when the process is gone.
+pub fn cpu_times(pid: u32) -> (f64, f64) {
     let path = if pid == 0 {
         "/proc/self/stat".to_string()
     } else {
         format!("/proc/{pid}/stat")
     };
     let Ok(text) = std::fs::read_to_string(path) else {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     };
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -206,9 +214,51 @@ pub fn cpu_secs(pid: u32) -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
+    let hz = clock_ticks_per_sec();
+    (tick(11) / hz, tick(12) / hz)
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+pub fn clock_ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (tick(11) + tick(12)) / hz
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// CPU used by a process between two readings of [`cpu_times`], split user / system.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CpuUse {
+    pub user: f64,
+    pub sys: f64,
+}
+
+impl CpuUse {
+    /// Total seconds (user + system).
+    pub fn total(&self) -> f64 {
+        self.user + self.sys
+    }
+}
+
+/// A running CPU measurement of one process (pid 0: this process).
+pub struct CpuMeter {
+    pid: u32,
+    start: (f64, f64),
+}
+
+impl CpuMeter {
+    pub fn start(pid: u32) -> CpuMeter {
+        CpuMeter {
+            pid,
+            start: cpu_times(pid),
+        }
+    }
+    /// CPU used since `start`.
+    pub fn read(&self) -> CpuUse {
+        let (u, s) = cpu_times(self.pid);
+        CpuUse {
+            user: u - self.start.0,
+            sys: s - self.start.1,
+        }
+    }
 }
 
 /// Kernel counters of connections refused at a full listen queue (TcpExt ListenOverflows,
@@ -294,4 +344,65 @@ pub fn raise_nofile() -> u64 {
         }
     }
     lim.rlim_cur
+}
+
+/// Time a task (a process's main thread, or one thread under /proc/<pid>/task) has run on a
+/// CPU, in seconds, from its `schedstat` (nanoseconds: far finer than the 10 ms clock ticks of
+/// /proc/<pid>/stat); None when the task is gone.
+pub fn schedstat_secs(path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
+/// CPU of a multi-threaded process over a window, to the nanosecond: the sum over its threads'
+/// `schedstat`, read at every [`ThreadsCpu::sample`]. A thread that appears after the first
+/// sample is counted from zero (it started within the window); one that ends between samples
+/// loses what it ran since the last (sample often: tokio's blocking threads come and go).
+pub struct ThreadsCpu {
+    pid: u32,
+    /// tid -> (seconds at its first sample, latest seconds).
+    seen: std::collections::HashMap<u32, (f64, f64)>,
+    samples: usize,
+}
+
+impl ThreadsCpu {
+    pub fn new(pid: u32) -> ThreadsCpu {
+        ThreadsCpu {
+            pid,
+            seen: Default::default(),
+            samples: 0,
+        }
+    }
+
+    /// Reads every thread's run time now.
+    pub fn sample(&mut self) {
+        let first = self.samples == 0;
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) {
+            for e in dir.flatten() {
+                let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Some(secs) =
+                    schedstat_secs(&format!("/proc/{}/task/{tid}/schedstat", self.pid))
+                else {
+                    continue;
+                };
+                let entry = self
+                    .seen
+                    .entry(tid)
+                    .or_insert((if first { secs } else { 0.0 }, secs));
+                entry.1 = secs;
+            }
+        }
+        self.samples += 1;
+    }
+
+    /// CPU seconds between the first sample and the latest.
+    pub fn used(&self) -> f64 {
+        self.seen
+            .values()
+            .map(|&(first, last)| (last - first).max(0.0))
+            .sum()
+    }
 }

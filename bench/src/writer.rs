@@ -26,7 +26,21 @@ pub struct OrderLog {
     pub tenants: usize,
     /// Distinguishes this run's order UUIDs from a previous run's in the same database.
     pub salt: u32,
+    /// With `Some`, orders are spread over all tenants instead of round-robin (see
+    /// [`OrderLog::spread`]).
+    spread: Option<Spread>,
 }
+
+/// Orders spread over many tenants, with a few watched tenants (0..watched) receiving every
+/// [`WATCHED_EVERY`]-th order so that their clients get enough events to check and time.
+#[derive(Clone, Copy)]
+struct Spread {
+    watched: usize,
+    stride: usize,
+}
+
+/// In a spread log, every this-many-th order goes to a watched tenant.
+pub const WATCHED_EVERY: usize = 10;
 
 impl OrderLog {
     pub fn new(tenants: usize, salt: u32) -> OrderLog {
@@ -34,10 +48,34 @@ impl OrderLog {
             commit_ns: (0..MAX_ORDERS).map(|_| AtomicU64::new(0)).collect(),
             tenants,
             salt,
+            spread: None,
+        }
+    }
+    /// A log whose orders go to tenants spread over all `tenants` (a stride coprime with the
+    /// count walks every residue), except every [`WATCHED_EVERY`]-th order, which goes to one of
+    /// the tenants `0..watched` in turn.
+    pub fn spread(tenants: usize, watched: usize, salt: u32) -> OrderLog {
+        let tenants = tenants.max(1);
+        // About 0.618 of the count, made coprime with it: consecutive orders land far apart and
+        // every tenant is visited once per `tenants` orders.
+        let mut stride = ((tenants as f64 * 0.618) as usize).max(1);
+        while gcd(stride, tenants) != 1 {
+            stride += 1;
+        }
+        OrderLog {
+            spread: Some(Spread {
+                watched: watched.clamp(1, tenants),
+                stride,
+            }),
+            ..OrderLog::new(tenants, salt)
         }
     }
     pub fn tenant_of(&self, idx: usize) -> usize {
-        idx % self.tenants
+        match self.spread {
+            None => idx % self.tenants,
+            Some(s) if idx % WATCHED_EVERY == 0 => (idx / WATCHED_EVERY) % s.watched,
+            Some(s) => (idx as u128 * s.stride as u128 % self.tenants as u128) as usize,
+        }
     }
     /// Items per order: alternately 2 and 3.
     pub fn items_of(idx: usize) -> usize {
@@ -49,6 +87,10 @@ impl OrderLog {
             v => Some(v),
         }
     }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// What the writers did.
@@ -109,7 +151,8 @@ pub async fn run(
     let interval_ns = 1e9 / rate;
     let mut tasks = Vec::new();
     for _ in 0..conns.max(1) {
-        let client = pg::connect(url).await?;
+        // Named, so Postgres CPU measurements can tell the writers' backends from the service's.
+        let client = pg::connect(&pg::bench_url(url)).await?;
         let (next, log, stop) = (next.clone(), log.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut st = WriterStats::default();

@@ -89,7 +89,7 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
         tasks.push(tokio::spawn(async move {
             let mut conn = HttpConn::new(addr);
             let mut lat = Vec::new();
-            let (mut ok, mut rejected, mut errors) = (0u64, 0u64, 0u64);
+            let (mut ok, mut rejected, mut errors, mut unnumbered) = (0u64, 0u64, 0u64, 0u64);
             for k in 0..MAX_REQUESTS_PER_CALLER {
                 if now_ns() >= end {
                     break;
@@ -98,8 +98,11 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
                 let body = broadcast_body(&crate::pg::tenant_slug(tenant), EVENT_TYPE, k, &pad);
                 let t0 = now_ns();
                 match conn.request("POST", "/broadcast", Some(&body)).await {
-                    Ok((200, _)) => {
+                    Ok((200, answer)) => {
                         lat.push(now_ns() - t0);
+                        if !crate::http::broadcast_numbered(&answer) {
+                            unnumbered += 1;
+                        }
                         ok += 1;
                         acc[tenant].fetch_add(1, Ordering::Relaxed);
                     }
@@ -107,13 +110,14 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
                     Err(_) => errors += 1,
                 }
             }
-            (lat, ok, rejected, errors)
+            (lat, ok, rejected, errors, unnumbered)
         }));
     }
     let mut lat = Vec::new();
-    let (mut accepted, mut rejected, mut errors) = (0, 0, 0);
+    let (mut accepted, mut rejected, mut errors, mut unnumbered) = (0, 0, 0, 0u64);
     for task in tasks {
-        let (l, o, r, e) = task.await?;
+        let (l, o, r, e, u) = task.await?;
+        unnumbered += u;
         lat.extend(l);
         accepted += o;
         rejected += r;
@@ -128,6 +132,12 @@ async fn one(ctx: &Ctx, kind: Kind) -> Result<Outcome> {
     }
     let live_delivered = total.load(Ordering::Relaxed);
     ws::shutdown(clients, &stop_tx).await;
+    if unnumbered > 0 {
+        ctx.note(format!(
+            "{}: {unnumbered} accepted broadcasts answered \"numbered\": false (no sequencer numbered them within the answer's deadline)",
+            kind.name()
+        ));
+    }
     say(format!(
         "{}: {accepted} accepted in {elapsed:.1} s = {:.0}/s, p50 {:.2} p99 {:.2} ms, {rejected} rejected, {errors} errors, live delivered {live_delivered}",
         kind.name(),

@@ -323,7 +323,7 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
             .op(f(o, |p| p.d.latency.p99))
             .node(f(n, |p| p.d.latency.p99));
         if rate == 100.0 {
-            p50 = p50.target("≤ 1.5 ms", |v| v <= 1.5);
+            p50 = p50.target("≤ 2 ms", |v| v <= 2.0);
             p99 = p99.target("≤ 5 ms", |v| v <= 5.0);
         } else if rate == 1000.0 {
             p99 = p99.target("≤ 20 ms", |v| v <= 20.0);

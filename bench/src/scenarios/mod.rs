@@ -1,10 +1,11 @@
-//! The shared run context (databases, keys, server specs) and the six scenarios.
+//! The shared run context (databases, keys, server specs) and the seven scenarios.
 
 pub mod broadcast;
 pub mod commit;
 pub mod connections;
 pub mod fanout;
 pub mod storm;
+pub mod tenants;
 pub mod writepath;
 
 use anyhow::{Context, Result};
@@ -22,8 +23,6 @@ use crate::ws::Endpoint;
 pub const CONNECT_CONCURRENCY: usize = 200;
 /// Share of both cores that may be busy (with other processes) when a scenario starts.
 const IDLE_BUSY_MAX: f64 = 0.30;
-/// How long a scenario waits for a busy machine (e.g. someone's `cargo build`) to calm down.
-const IDLE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Busy share of all CPUs over `window` (from /proc/stat).
 pub async fn cpu_busy(window: std::time::Duration) -> f64 {
@@ -48,7 +47,8 @@ pub async fn cpu_busy(window: std::time::Duration) -> f64 {
 
 /// Waits until the machine is quiet enough to measure (bounded); notes it when it is not.
 pub async fn ensure_idle(ctx: &Ctx, label: &str) {
-    let until = crate::clock::now_ns() + IDLE_WAIT_MAX.as_nanos() as u64;
+    // How long to wait for a busy machine (e.g. someone's `cargo build`) to calm down.
+    let until = crate::clock::now_ns() + ctx.args.idle_wait_secs * 1_000_000_000;
     let mut busy = cpu_busy(std::time::Duration::from_secs(1)).await;
     let mut waited = false;
     while busy > IDLE_BUSY_MAX && crate::clock::now_ns() < until {
@@ -243,9 +243,16 @@ impl Ctx {
         Ok(db)
     }
 
-    /// Sets up what the selected servers need for scenarios 1-3, 5, 6.
+    /// Sets up what the selected servers need: the Node baseline's copy and key file, and, for
+    /// scenarios 1-3, 5, 6, the shared databases and orderpush's keys (4 and 7 make their own).
     pub async fn setup_main(&mut self) -> Result<()> {
         let salt = self.next_salt() as u64;
+        let shared_db = self.args.scenarios.iter().any(|s| {
+            matches!(
+                s.as_str(),
+                "connections" | "fanout" | "commit" | "broadcast" | "storm"
+            )
+        });
         if self.has(Kind::Orderpush) {
             anyhow::ensure!(
                 self.orderpush_bin.exists(),
@@ -253,6 +260,8 @@ impl Ctx {
                  or pass --orderpush-bin",
                 self.orderpush_bin.display()
             );
+        }
+        if self.has(Kind::Orderpush) && shared_db {
             say("orderpush: database, migrations, tenants, keys");
             let db = self
                 .prepare_db("op", DbSetup::Orderpush { wakeup: None })
@@ -271,10 +280,12 @@ impl Ctx {
         if self.has(Kind::Node) {
             say("node: npm ci (once), database with naive triggers, key file");
             servers::prepare_node(&self.args.node_src, &self.node_dir).await?;
-            let db = self.prepare_db("node", DbSetup::Naive).await?;
             self.node_keys = pg::node_keys(self.args.tenants, salt);
             servers::write_node_keys(&self.node_keys_file, &self.node_keys)?;
-            self.node_db = Some(db);
+            if shared_db {
+                let db = self.prepare_db("node", DbSetup::Naive).await?;
+                self.node_db = Some(db);
+            }
         }
         Ok(())
     }
