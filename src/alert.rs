@@ -1,6 +1,10 @@
 //! The undelivered-event alert: after the listener hands an event to this instance's sockets,
 //! it logs the delivery, records the event for the status page, and warns and counts an event
 //! that no terminal of its tenant received, on this instance or (through presence) any other.
+//! The unacknowledged-order alert, which watches the kitchen rather than the sockets, is
+//! [`unacknowledged`].
+
+pub mod unacknowledged;
 
 use std::collections::HashMap;
 use std::sync::Arc;

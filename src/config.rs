@@ -130,6 +130,44 @@ pub struct ServeArgs {
     #[arg(long, env = "ORDERPUSH_SNAPSHOT_MAX_BYTES", value_parser = parse_snapshot_bytes,
           default_value_t = SNAPSHOT_MAX_BYTES)]
     pub snapshot_max_bytes: usize,
+    /// An order no terminal acknowledged after this long is warned about, counted and shown red
+    /// on /status (e.g. 60s, 5m; at most 24h); `off` turns the alert off for every tenant
+    /// without its own `orderpush.tenant_settings.ack_timeout_seconds`.
+    #[arg(long, env = "ORDERPUSH_ACK_TIMEOUT", default_value = ACK_TIMEOUT,
+          value_parser = parse_ack_timeout)]
+    pub ack_timeout: AckTimeout,
+}
+
+/// How long a kitchen has to acknowledge an order (`serve --ack-timeout`): delivery platforms
+/// escalate an order a restaurant has not accepted within minutes; a minute leaves time to act.
+pub const ACK_TIMEOUT: &str = "60s";
+/// Longest `--ack-timeout` (and per-tenant `ack_timeout_seconds`, the table's CHECK): an order
+/// unacknowledged for a day is no longer news.
+pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// How often each instance claims overdue orders to warn about: the alert fires at most this
+/// long after the timeout; acknowledgements reach the database every presence interval anyway.
+pub const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// `--ack-timeout`: a duration, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckTimeout(pub Option<Duration>);
+
+impl AckTimeout {
+    /// Whole seconds, as the database compares them (0 = off).
+    pub fn as_secs(self) -> i32 {
+        self.0.map_or(0, |d| d.as_secs() as i32)
+    }
+}
+
+fn parse_ack_timeout(s: &str) -> Result<AckTimeout, String> {
+    if s.trim() == "off" {
+        return Ok(AckTimeout(None));
+    }
+    let d = parse_duration(s).map_err(|e| format!("{e} (or 'off')"))?;
+    if d > MAX_ACK_TIMEOUT {
+        return Err(format!("'{s}' is longer than 24h"));
+    }
+    Ok(AckTimeout(Some(d)))
 }
 
 /// Open orders a snapshot sends at most: a restaurant has tens open at once, a busy one a few
@@ -383,6 +421,10 @@ pub struct Tuning {
     pub snapshot_max_orders: usize,
     /// Bytes of order frames a snapshot sends at most.
     pub snapshot_max_bytes: usize,
+    /// The default time to acknowledge an order (per tenant in `orderpush.tenant_settings`).
+    pub ack_timeout: AckTimeout,
+    /// How often overdue orders are looked for ([`ACK_CHECK_INTERVAL`]).
+    pub ack_check_interval: Duration,
     /// How long a client may take to send a request's headers, from its first byte (from the
     /// accept for a new connection); see [`HEADER_READ_TIMEOUT`].
     pub http_header_timeout: Duration,
@@ -509,6 +551,8 @@ impl Default for Tuning {
             max_connections_per_tenant: MAX_CONNECTIONS_PER_TENANT,
             snapshot_max_orders: SNAPSHOT_MAX_ORDERS,
             snapshot_max_bytes: SNAPSHOT_MAX_BYTES,
+            ack_timeout: parse_ack_timeout(ACK_TIMEOUT).expect("the default parses"),
+            ack_check_interval: ACK_CHECK_INTERVAL,
         }
     }
 }
@@ -552,6 +596,21 @@ mod tests {
         assert!(LISTEN.parse::<SocketAddr>().is_ok());
         assert_eq!(parse_duration(RETENTION), Ok(Duration::from_secs(86_400)));
         assert!(TAIL_URL.starts_with("ws://"));
+        assert_eq!(
+            parse_ack_timeout(ACK_TIMEOUT),
+            Ok(AckTimeout(Some(Duration::from_secs(60))))
+        );
+    }
+
+    #[test]
+    fn the_ack_timeout_is_a_duration_up_to_a_day_or_off() {
+        assert_eq!(parse_ack_timeout("off"), Ok(AckTimeout(None)));
+        assert_eq!(parse_ack_timeout("off").unwrap().as_secs(), 0);
+        assert_eq!(parse_ack_timeout("5m").unwrap().as_secs(), 300);
+        assert_eq!(parse_ack_timeout("24h").unwrap().as_secs(), 86_400);
+        for bad in ["25h", "0s", "60", "soon", ""] {
+            assert!(parse_ack_timeout(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub struct Metrics {
     undelivered: [AtomicU64; 6],
     /// `{"type":"ack"}` messages recorded from POS clients.
     pub acks: AtomicU64,
+    /// Orders no terminal acknowledged within their tenant's timeout; each is counted once, by
+    /// the instance that warned about it.
+    pub orders_unacknowledged: AtomicU64,
     /// Messages from POS clients that were not a valid ack (ignored).
     pub client_messages_ignored: AtomicU64,
     /// Presence heartbeats that failed (the database was unreachable or slow).
@@ -294,7 +297,7 @@ impl Metrics {
                 self.listener_up.load(Relaxed) as f64,
             ),
         ];
-        let counters: [(&str, &str, f64); 22] = [
+        let counters: [(&str, &str, f64); 23] = [
             (
                 "orderpush_connects_total",
                 "POS WebSocket connections accepted.",
@@ -359,6 +362,11 @@ impl Metrics {
                 "orderpush_acks_total",
                 "Acks recorded from POS clients.",
                 load(&self.acks),
+            ),
+            (
+                "orderpush_orders_unacknowledged_total",
+                "Orders no terminal acknowledged within their tenant's timeout (each counted once, cluster-wide).",
+                load(&self.orders_unacknowledged),
             ),
             (
                 "orderpush_client_messages_ignored_total",

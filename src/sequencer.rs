@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::db::sequencer::{
-    Batch, CurrentOrder, NewEvent, STAGED_CHANNEL, SequencerQueries, StagedRow, TenantState,
+    Batch, CurrentOrder, NewEvent, NumberedOrder, STAGED_CHANNEL, SequencerQueries, StagedRow,
+    TenantState,
 };
 use crate::db::wakeup::WakeupMode;
 use crate::db::{self, DbError};
@@ -276,6 +277,7 @@ impl Sequencer {
         let rules = Rules {
             sources: settings.sources,
             fields: FieldMap::new(settings.columns),
+            closed: settings.closed,
         };
         // A failure to read the orders (a table renamed, a type changed) must not stop the
         // other events: those orders become `emit_failed` for their tenants.
@@ -383,10 +385,12 @@ impl Sequencer {
     }
 }
 
-/// What the DBA decided: which order sources emit, and which columns hold which fields.
+/// What the DBA decided: which order sources emit, which columns hold which fields, and which
+/// statuses close an order.
 struct Rules {
     sources: HashSet<String>,
     fields: FieldMap,
+    closed: HashSet<String>,
 }
 
 /// A staged row with its columns parsed and its tenant found.
@@ -514,15 +518,31 @@ fn number(
         if origin == "broadcast" {
             batch.requests.push((p.row.gid, *next));
         }
-        if kind == "new_order" {
-            let (order_id, number) = p
-                .columns
+        if let ("new_order" | "order_updated", Some(columns)) = (kind.as_str(), &p.columns) {
+            let order = render::order_ref(&rules.fields, &kind, columns);
+            let closed = order
+                .status
                 .as_ref()
-                .map(|c| render::order_ref(&rules.fields, c))
-                .unwrap_or_default();
-            batch
-                .orders
-                .push((tenant.to_owned(), *next, order_id, number));
+                .is_some_and(|s| rules.closed.contains(s));
+            if kind == "new_order" {
+                batch.orders.push(NumberedOrder {
+                    tenant: tenant.to_owned(),
+                    event_id: *next,
+                    order_id: order.id,
+                    number: order.number,
+                    closed,
+                });
+            } else if let (true, Some(id)) = (closed, order.id) {
+                // Numbered in this same batch, its row does not exist yet: it is written closed.
+                match batch
+                    .orders
+                    .iter_mut()
+                    .find(|o| o.tenant == tenant && o.order_id.as_ref() == Some(&id))
+                {
+                    Some(numbered) => numbered.closed = true,
+                    None => batch.closed.push((tenant.to_owned(), id)),
+                }
+            }
         }
         batch.events.push(NewEvent {
             tenant: tenant.to_owned(),
@@ -748,6 +768,7 @@ mod tests {
         let rules = Rules {
             sources: HashSet::from(["online".to_string()]),
             fields: FieldMap::default(),
+            closed: HashSet::new(),
         };
         let b = number(&parsed, &tenants, &rules, &Ok(HashMap::new()), "t");
         assert_eq!(b.gids, vec![1, 2, 3, 4], "every row is consumed");
@@ -773,6 +794,7 @@ mod tests {
         let rules = Rules {
             sources: HashSet::new(),
             fields: FieldMap::default(),
+            closed: HashSet::new(),
         };
         let b = number(&parsed, &tenants, &rules, &Ok(HashMap::new()), "t");
         assert_eq!(b.resets, vec!["a".to_string()]);
@@ -800,6 +822,7 @@ mod tests {
         let rules = Rules {
             sources: HashSet::from(["online".to_string()]),
             fields: FieldMap::default(),
+            closed: HashSet::new(),
         };
         let b = number(
             &parsed,
@@ -813,6 +836,60 @@ mod tests {
         let kinds: Vec<&str> = b.events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, vec!["resync_required", "resync_required"]);
         assert!(b.events[0].data.contains("emit_failed"));
+    }
+
+    #[test]
+    fn orders_are_recorded_for_acknowledgement_and_closed_by_a_closed_status() {
+        let order = |gid, kind: &str, id: &str, status: &str| {
+            staged(
+                gid,
+                kind,
+                &format!(
+                    r#"{{"tenant_slug":"a","id":"{id}","order_number":"N-{gid}","order_source":"online","status":"{status}"}}"#
+                ),
+            )
+        };
+        let rows = [
+            order(1, "new_order", "o1", "pending"),
+            order(2, "new_order", "o2", "pending"),
+            // o2 is closed in the batch that numbers it: its row is written closed.
+            order(3, "order_updated", "o2", "completed"),
+            // o3 was numbered earlier: its row is closed by id.
+            order(4, "order_updated", "o3", "cancelled"),
+            // Not a closed status: nothing to record.
+            order(5, "order_updated", "o1", "ready"),
+            // Created closed.
+            order(6, "new_order", "o4", "completed"),
+        ];
+        let parsed: Vec<Parsed<'_>> = rows.iter().map(Parsed::new).collect();
+        let tenants = HashMap::from([("a".into(), tenant(10, true))]);
+        let rules = Rules {
+            sources: HashSet::from(["online".to_string()]),
+            fields: FieldMap::default(),
+            closed: HashSet::from(["completed".to_string(), "cancelled".to_string()]),
+        };
+        let b = number(&parsed, &tenants, &rules, &Ok(HashMap::new()), "t");
+        let orders: Vec<(i64, Option<&str>, Option<&str>, bool)> = b
+            .orders
+            .iter()
+            .map(|o| {
+                (
+                    o.event_id,
+                    o.order_id.as_deref(),
+                    o.number.as_deref(),
+                    o.closed,
+                )
+            })
+            .collect();
+        assert_eq!(
+            orders,
+            vec![
+                (11, Some("o1"), Some("N-1"), false),
+                (12, Some("o2"), Some("N-2"), true),
+                (16, Some("o4"), Some("N-6"), true),
+            ]
+        );
+        assert_eq!(b.closed, vec![("a".to_string(), "o3".to_string())]);
     }
 
     #[test]

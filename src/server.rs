@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::activity::Activity;
-use crate::alert::UndeliveredAlert;
+use crate::alert::{self, UndeliveredAlert};
 use crate::config::Tuning;
 use crate::db::{self, DbError, events};
 use crate::http::{self, AppState, Shared, auth, broadcast, limits::ConnectionLimits};
@@ -203,6 +203,13 @@ pub async fn run(
         config.database.clone(),
     ));
     tracker.spawn(http::status::refresh_gauges(state.clone()));
+    tracker.spawn(alert::unacknowledged::run(
+        state.admin_db.clone(),
+        state.tuning.ack_timeout,
+        state.tuning.ack_check_interval,
+        Arc::clone(&state.metrics),
+        shutdown.clone(),
+    ));
     tracker.spawn(hub::watch_drains(
         Arc::clone(&state.hub),
         state.tuning.drain_timeout,

@@ -46,8 +46,13 @@ enum Behaviour {
     Slow,
 }
 
-/// One resuming client: returns everything it received and how many 1013 closes it got.
-/// `large_sent` counts the large broadcasts answered so far (what the slow client waits on).
+/// Where each received event came from: which connection of the client (its round, instance
+/// and `since`), so a hole can be traced to the connection that should have filled it.
+type Origins = Vec<String>;
+
+/// One resuming client: returns everything it received (and from which connection) and how
+/// many 1013 closes it got. `large_sent` counts the large broadcasts answered so far (what the
+/// slow client waits on).
 async fn resuming_client(
     servers: Arc<Vec<TestServer>>,
     tenant: &'static str,
@@ -56,15 +61,17 @@ async fn resuming_client(
     first_server: usize,
     stop: CancellationToken,
     large_sent: Arc<AtomicUsize>,
-) -> (Vec<Value>, usize) {
+) -> (Vec<Value>, Origins, usize) {
     let mut got: Vec<Value> = Vec::new();
+    let mut origins = Origins::new();
     let mut cut_off = 0;
     let mut round = 0usize;
     while !stop.is_cancelled() {
-        let server = match behaviour {
-            Behaviour::Steady => &servers[first_server],
-            _ => &servers[(first_server + round) % servers.len()],
+        let index = match behaviour {
+            Behaviour::Steady => first_server,
+            _ => (first_server + round) % servers.len(),
         };
+        let server = &servers[index];
         round += 1;
         let since = got.last().map_or(0, |e| e["id"].as_i64().unwrap());
         let path = format!("/ws/pos/{tenant}?since={since}");
@@ -98,7 +105,10 @@ async fn resuming_client(
             match next {
                 Err(_) => break, // done with this connection: drop it
                 Ok(Some(Ok(Message::Text(t)))) if is_ready(&t) => {}
-                Ok(Some(Ok(Message::Text(t)))) => got.push(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    got.push(serde_json::from_str(&t).unwrap());
+                    origins.push(format!("round {round} on instance {index} since {since}"));
+                }
                 Ok(Some(Ok(Message::Close(c)))) => {
                     let code = c.map(|c| u16::from(c.code));
                     assert_eq!(code, Some(1013), "{tenant}: unexpected close");
@@ -110,7 +120,7 @@ async fn resuming_client(
             }
         }
     }
-    (got, cut_off)
+    (got, origins, cut_off)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +262,7 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
         logs.insert(t, log);
     }
     for (t, who, task) in clients {
-        let (mut got, cut_off) = task.await.unwrap();
+        let (mut got, mut origins, cut_off) = task.await.unwrap();
         if who == "slow" {
             assert!(cut_off >= 1, "the slow client was never cut off with 1013");
         }
@@ -260,14 +270,16 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
         // a listener's catch-up burst overflows its queue meanwhile).
         let key = &keys[TENANTS.iter().position(|x| *x == t).unwrap()];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while got.len() < logs[t].len() {
+        let last_of = |events: &[Value]| events.last().map_or(0, |e| e["id"].as_i64().unwrap());
+        let head = last_of(&logs[t]);
+        while last_of(&got) < head {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{t} {who}: catch-up stalled"
             );
             let since = got.last().map_or(0, |e| e["id"].as_i64().unwrap());
             let mut pos = Pos::connect(&servers[0], t, key, Some(since)).await;
-            while got.len() < logs[t].len() {
+            while last_of(&got) < head {
                 let next = match tokio::time::timeout(WAIT, pos.ws.next()).await {
                     Ok(next) => next,
                     Err(_) => panic!(
@@ -279,7 +291,10 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
                 };
                 match next {
                     Some(Ok(Message::Text(text))) if is_ready(&text) => {}
-                    Some(Ok(Message::Text(text))) => got.push(serde_json::from_str(&text).unwrap()),
+                    Some(Ok(Message::Text(text))) => {
+                        got.push(serde_json::from_str(&text).unwrap());
+                        origins.push(format!("the final catch-up since {since}"));
+                    }
                     Some(Ok(Message::Close(c))) => {
                         assert_eq!(c.map(|c| u16::from(c.code)), Some(1013), "{t} {who}");
                         break;
@@ -289,8 +304,26 @@ async fn chaos_every_client_that_stayed_or_resumed_has_every_event_once_in_order
                 }
             }
         }
+        if let Some(at) = first_difference(&got, &logs[t]) {
+            let around: Vec<String> = (at.saturating_sub(3)..(at + 3).min(got.len()))
+                .map(|i| format!("{} from {}", got[i]["id"], origins[i]))
+                .collect();
+            panic!(
+                "{t} {who}: received {} events, the log has {}; first difference at index {at}, \
+                 received around it:\n{}",
+                got.len(),
+                logs[t].len(),
+                around.join("\n")
+            );
+        }
         assert_exactly_the_log(&format!("{t} {who}"), &got, &logs[t]);
     }
+}
+
+/// The index of the first event id that differs between `got` and `log`, if any.
+fn first_difference(got: &[Value], log: &[Value]) -> Option<usize> {
+    let id = |e: &Value| e["id"].as_i64();
+    (0..got.len().max(log.len())).find(|&i| got.get(i).map(id) != log.get(i).map(id))
 }
 
 /// What a stalled catch-up needs explained: the instance's listener and resume counters, its
@@ -320,7 +353,7 @@ async fn stall_report(
     let rows = client
         .query(
             "SELECT format('%s batch %s %s', id, batch, type) FROM orderpush.events
-             WHERE tenant_slug = $1 AND id >= $2 - 2 ORDER BY id",
+             WHERE tenant_slug = $1 AND id >= $2::int8 - 2 ORDER BY id",
             &[&tenant, &since],
         )
         .await

@@ -191,3 +191,26 @@ fn zero_connection_caps_are_refused_at_start() {
         );
     }
 }
+
+#[test]
+fn a_bad_ack_timeout_is_refused_with_the_rule() {
+    for (args, env) in [
+        (&["serve", "--ack-timeout", "25h"][..], None),
+        (&["serve", "--ack-timeout", "60"], None),
+        (&["serve", "--ack-timeout", "0s"], None),
+        (&["serve"], Some(("ORDERPUSH_ACK_TIMEOUT", "soon"))),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderpush"));
+        cmd.args(args).env_remove("DATABASE_URL");
+        if let Some((name, value)) = env {
+            cmd.env(name, value);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains("--ack-timeout"),
+            "{args:?} {env:?}: {stderr}"
+        );
+    }
+}

@@ -12,8 +12,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-const DBA_MD: &str = include_str!("../docs/dba.md");
-
 fn orderpush(db: &TestDb, args: &[&str]) -> Output {
     orderpush_cli(db, args)
 }

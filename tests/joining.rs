@@ -17,20 +17,6 @@ async fn kitchen() -> (TestDb, TestServer, String) {
     (db, server, key)
 }
 
-/// Connects with a query string of its own (`?since=…&snapshot=open&types=…`).
-async fn join(server: &TestServer, key: &str, query: &str) -> Pos {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = server
-        .ws(&format!("/ws/pos/kitchen{query}"))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert("X-API-Key", key.parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("websocket connects");
-    Pos { ws }
-}
-
 /// Every frame, `ready` included, parsed.
 async fn frame(pos: &mut Pos) -> Value {
     let text = pos
@@ -62,7 +48,7 @@ async fn order(c: &tokio_postgres::Client, number: &str, status: &str, age_hours
 async fn ready_follows_the_last_replayed_frame_and_comes_at_once_for_a_live_join() {
     let (db, server, key) = kitchen().await;
     let c = db.client().await;
-    let mut first = join(&server, &key, "").await;
+    let mut first = Pos::join(&server, "kitchen", &key, "").await;
     let ready = frame(&mut first).await;
     assert_eq!(
         (ready["type"].as_str(), ready["id"].as_i64()),
@@ -75,13 +61,13 @@ async fn ready_follows_the_last_replayed_frame_and_comes_at_once_for_a_live_join
         assert_eq!(frame(&mut first).await["id"], id);
     }
     // A live join is told at once where the tenant stands.
-    let mut live = join(&server, &key, "").await;
+    let mut live = Pos::join(&server, "kitchen", &key, "").await;
     let ready = frame(&mut live).await;
     assert_eq!(
         (ready["type"].as_str(), ready["id"].as_i64()),
         (Some("ready"), Some(3))
     );
-    let mut resumed = join(&server, &key, "?since=1").await;
+    let mut resumed = Pos::join(&server, "kitchen", &key, "?since=1").await;
     let got: Vec<(String, i64)> = [
         frame(&mut resumed).await,
         frame(&mut resumed).await,
@@ -141,7 +127,7 @@ async fn a_snapshot_sends_exactly_the_open_orders_then_live_events() {
     db.wait_numbered().await;
     let head = db.event_count().await;
 
-    let mut pos = join(&server, &key, "?snapshot=open").await;
+    let mut pos = Pos::join(&server, "kitchen", &key, "?snapshot=open").await;
     let mut got = HashSet::new();
     loop {
         let f = frame(&mut pos).await;
@@ -220,7 +206,7 @@ async fn writes_racing_a_snapshot_are_never_lost() {
     let mut sockets = Vec::new();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let mut pos = join(&server, &key, "?snapshot=open").await;
+        let mut pos = Pos::join(&server, "kitchen", &key, "?snapshot=open").await;
         let mut state = HashMap::new();
         loop {
             let f = frame(&mut pos).await;
@@ -289,7 +275,7 @@ async fn a_snapshot_past_either_bound_says_it_is_incomplete() {
         .tuning(|t| t.snapshot_max_orders = 4)
         .start()
         .await;
-    let mut pos = join(&few, &key, "?snapshot=open").await;
+    let mut pos = Pos::join(&few, "kitchen", &key, "?snapshot=open").await;
     let mut orders = 0;
     let end = loop {
         let f = frame(&mut pos).await;
@@ -312,7 +298,7 @@ async fn a_snapshot_past_either_bound_says_it_is_incomplete() {
         .tuning(|t| t.snapshot_max_bytes = 1 << 20)
         .start()
         .await;
-    let mut pos = join(&small, &key, "?snapshot=open").await;
+    let mut pos = Pos::join(&small, "kitchen", &key, "?snapshot=open").await;
     let mut orders = 0;
     let end = loop {
         let f = frame(&mut pos).await;
@@ -332,11 +318,11 @@ async fn with_since_a_snapshot_comes_only_instead_of_resync_required() {
     insert_loyalty(&c, "kitchen", 1).await;
     db.wait_numbered().await;
     // A normal resume: unchanged.
-    let mut pos = join(&server, &key, "?since=1&snapshot=open").await;
+    let mut pos = Pos::join(&server, "kitchen", &key, "?since=1&snapshot=open").await;
     assert_eq!(frame(&mut pos).await["type"], "loyalty_updated");
     assert_eq!(frame(&mut pos).await["type"], "ready");
     // Ahead of the log (a restored database): the open orders instead of resync_required.
-    let mut ahead = join(&server, &key, "?since=99&snapshot=open").await;
+    let mut ahead = Pos::join(&server, "kitchen", &key, "?since=99&snapshot=open").await;
     let f = frame(&mut ahead).await;
     assert_eq!(
         (f["type"].as_str(), f["id"].as_i64()),
@@ -344,7 +330,7 @@ async fn with_since_a_snapshot_comes_only_instead_of_resync_required() {
     );
     assert_eq!(frame(&mut ahead).await["type"], "snapshot_end");
     // Without snapshot=open, the same join is told to refetch.
-    let mut told = join(&server, &key, "?since=99").await;
+    let mut told = Pos::join(&server, "kitchen", &key, "?since=99").await;
     assert_eq!(frame(&mut told).await["data"]["reason"], "log_rewound");
 }
 
@@ -352,7 +338,8 @@ async fn with_since_a_snapshot_comes_only_instead_of_resync_required() {
 async fn a_type_filter_sends_only_those_types_without_false_resyncs() {
     let (db, server, key) = kitchen().await;
     let c = db.client().await;
-    let mut orders_only = join(&server, &key, "?types=new_order,order_updated").await;
+    let mut orders_only =
+        Pos::join(&server, "kitchen", &key, "?types=new_order,order_updated").await;
     assert_eq!(frame(&mut orders_only).await["type"], "ready");
     // Loyalty events between the orders are skipped, not taken for a gap.
     for i in 0..3 {
@@ -381,7 +368,13 @@ async fn a_type_filter_sends_only_those_types_without_false_resyncs() {
     );
     // A filtered resume: the same, and `ready` gives the position to resume from.
     for since in [1, 0] {
-        let mut again = join(&server, &key, &format!("?since={since}&types=new_order")).await;
+        let mut again = Pos::join(
+            &server,
+            "kitchen",
+            &key,
+            &format!("?since={since}&types=new_order"),
+        )
+        .await;
         let got: Vec<Value> = [
             frame(&mut again).await,
             frame(&mut again).await,

@@ -1,5 +1,6 @@
 //! Integration tests: the real server, a fresh Postgres database per test, real clients.
 
+mod acks;
 mod admin;
 mod big_frames;
 mod bounds;

@@ -2,88 +2,10 @@
 //! undelivered-order WARN once per tenant per interval, and a browser key never in the logs.
 //! These run the real binary, as an operator does.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
-
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::common::*;
-
-/// `orderpush serve` on a free loopback port, its stderr lines streamed to a channel.
-struct Serve {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Serve {
-    fn start(db: &TestDb, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_orderpush"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("DATABASE_URL", db.url())
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        // Ends by itself when the child's stderr closes.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line satisfying `want`, within [`WAIT`].
-    fn wait_for(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if want(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no log line for {what}; got:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// Every line received so far (after draining what is buffered).
-    fn drain(&mut self) -> &[String] {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        &self.seen
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn message(line: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    Some(v["fields"]["message"].as_str()?.to_owned())
-}
 
 #[tokio::test]
 async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key() {
@@ -92,14 +14,7 @@ async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key(
     db.tenant("bistro").await;
     let key = db.key("bistro").await;
     let mut serve = Serve::start(&db, &["--log-format", "json"]);
-    let listening = serve.wait_for("listening", |l| {
-        message(l).is_some_and(|m| m == "orderpush listening")
-    });
-    let v: Value = serde_json::from_str(&listening).unwrap();
-    let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
-    serve.wait_for("the listener", |l| {
-        message(l).is_some_and(|m| m.contains("listener following"))
-    });
+    let addr = serve.json_listening_addr();
 
     // A browser-style POS for bistro: its key travels in Sec-WebSocket-Protocol.
     let mut req = format!("ws://{addr}/ws/pos/bistro")
@@ -116,7 +31,7 @@ async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key(
     let mut client = db.client().await;
     insert_order(&mut client, "kitchen", "KIT-6452", 1).await;
     let warning = serve.wait_for("the undelivered warning", |l| {
-        message(l)
+        log_message(l)
             .is_some_and(|m| m.starts_with("order KIT-6452 for tenant kitchen: no POS connected"))
     });
     let v: Value = serde_json::from_str(&warning).unwrap();
@@ -131,13 +46,13 @@ async fn json_logs_warn_once_about_an_order_no_pos_receives_and_never_log_a_key(
     // everything about the second order (including any warning) is logged too.
     insert_loyalty(&client, "bistro", 1).await;
     serve.wait_for("the fence", |l| {
-        message(l).is_some_and(|m| m.starts_with("event 'loyalty_updated' sent to 1 clients"))
+        log_message(l).is_some_and(|m| m.starts_with("event 'loyalty_updated' sent to 1 clients"))
     });
 
     let lines = serve.drain().to_vec();
     let warnings = lines
         .iter()
-        .filter(|l| message(l).is_some_and(|m| m.contains("no POS connected")))
+        .filter(|l| log_message(l).is_some_and(|m| m.contains("no POS connected")))
         .count();
     assert_eq!(warnings, 1, "once per tenant per interval");
     for line in &lines {

@@ -10,24 +10,6 @@ use tokio_postgres::IsolationLevel;
 
 use crate::common::*;
 
-const DBA_MD: &str = include_str!("../docs/dba.md");
-
-/// The first ```sql block after `marker` in docs/dba.md, with the documented role names replaced:
-/// the GRANTs the test runs are the GRANTs the DBA copies.
-fn documented_sql(marker: &str, roles: &[(&str, &str)]) -> String {
-    let from = DBA_MD
-        .find(marker)
-        .unwrap_or_else(|| panic!("docs/dba.md lost {marker:?}"));
-    let rest = &DBA_MD[from..];
-    let start = rest.find("```sql\n").expect("an sql block") + 7;
-    let len = rest[start..].find("```").expect("the block ends");
-    let mut sql = rest[start..start + len].to_owned();
-    for (documented, actual) in roles {
-        sql = sql.replace(documented, actual);
-    }
-    sql
-}
-
 async fn online_order(tx: &tokio_postgres::Transaction<'_>, tenant: &str, number: &str) {
     tx.execute(
         "INSERT INTO orders (tenant_slug, order_number, customer_name, customer_phone, order_type,

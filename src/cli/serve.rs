@@ -25,6 +25,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             max_connections_per_tenant: args.max_connections_per_tenant,
             snapshot_max_orders: args.snapshot_max_orders,
             snapshot_max_bytes: args.snapshot_max_bytes,
+            ack_timeout: args.ack_timeout,
             ..Tuning::default()
         },
     };

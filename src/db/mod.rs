@@ -11,6 +11,7 @@ macro_rules! live_instances {
     };
 }
 
+pub mod acks;
 pub mod admin;
 pub mod broadcasts;
 pub mod events;

@@ -95,6 +95,8 @@ pub struct Settings {
     pub sources: HashSet<String>,
     /// Column-name overrides: (event kind, field, column).
     pub columns: Vec<(String, String, String)>,
+    /// Order statuses that close an order (`orderpush.closed_statuses`).
+    pub closed: HashSet<String>,
 }
 
 /// The sequencer's statements, prepared once per connection: they run for every batch.
@@ -131,9 +133,26 @@ pub struct Batch {
     pub failures: Vec<(i64, Option<String>, String)>,
     /// Idempotent broadcasts numbered now: (gid, id).
     pub requests: Vec<(i64, i64)>,
-    /// `new_order` events numbered now, for the acknowledgement chain: (tenant, id, order id,
-    /// order number).
-    pub orders: Vec<(String, i64, Option<String>, Option<String>)>,
+    /// `new_order` events numbered now, for the acknowledgement chain.
+    pub orders: Vec<NumberedOrder>,
+    /// Orders whose status changed to a closed one: (tenant, order id). Their acknowledgement
+    /// rows stop being overdue.
+    pub closed: Vec<(String, String)>,
+}
+
+/// A `new_order` numbered in a batch: one row of `orderpush.order_acks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NumberedOrder {
+    /// Tenant slug.
+    pub tenant: String,
+    /// The `new_order` event's id.
+    pub event_id: i64,
+    /// The order's id, as text.
+    pub order_id: Option<String>,
+    /// The order's number.
+    pub number: Option<String>,
+    /// Its status is already a closed one (closed in the batch, or created closed).
+    pub closed: bool,
 }
 
 /// One event to append.
@@ -200,6 +219,8 @@ impl SequencerQueries {
                 .prepare(
                     "SELECT 'source', order_source, NULL::text FROM orderpush.new_order_sources
                      UNION ALL
+                     SELECT 'closed', status, NULL FROM orderpush.closed_statuses
+                     UNION ALL
                      SELECT kind, field, column_name FROM orderpush.field_columns",
                 )
                 .await?,
@@ -237,8 +258,17 @@ impl SequencerQueries {
                          FROM unnest($16::int8[], $17::int8[]) AS u(gid, id)
                          WHERE b.gid = u.gid),
                      orders AS (
-                         INSERT INTO orderpush.order_acks (tenant_slug, event_id, order_id, order_number)
-                         SELECT * FROM unnest($19::text[], $20::int8[], $21::text[], $22::text[]))
+                         INSERT INTO orderpush.order_acks
+                             (tenant_slug, event_id, order_id, order_number, closed_at)
+                         SELECT u.tenant, u.id, u.order_id, u.number,
+                                CASE WHEN u.closed THEN now() END
+                         FROM unnest($19::text[], $20::int8[], $21::text[], $22::text[], $23::bool[])
+                              AS u(tenant, id, order_id, number, closed)),
+                     closed AS (
+                         UPDATE orderpush.order_acks a SET closed_at = now()
+                         FROM unnest($24::text[], $25::text[]) AS u(tenant, order_id)
+                         WHERE a.tenant_slug = u.tenant AND a.order_id = u.order_id
+                           AND a.closed_at IS NULL)
                      SELECT batch, pg_notify($18, batch::text) FROM st",
                 )
                 .await?,
@@ -329,11 +359,15 @@ impl SequencerQueries {
         let mut settings = Settings::default();
         for r in &rows {
             let (a, b, c): (String, String, Option<String>) = (r.get(0), r.get(1), r.get(2));
-            match c {
-                None => {
+            // `kind` of a column override is an event type (its CHECK), never these two words.
+            match (a.as_str(), c) {
+                (_, Some(column)) => settings.columns.push((a, b, column)),
+                ("closed", None) => {
+                    settings.closed.insert(b);
+                }
+                _ => {
                     settings.sources.insert(b);
                 }
-                Some(column) => settings.columns.push((a, b, column)),
             }
         }
         Ok(settings)
@@ -360,12 +394,16 @@ impl SequencerQueries {
         let fail_reasons: Vec<&str> = batch.failures.iter().map(|f| f.2.as_str()).collect();
         let req_gids: Vec<i64> = batch.requests.iter().map(|r| r.0).collect();
         let req_ids: Vec<i64> = batch.requests.iter().map(|r| r.1).collect();
-        let order_tenants: Vec<&str> = batch.orders.iter().map(|o| o.0.as_str()).collect();
-        let order_events: Vec<i64> = batch.orders.iter().map(|o| o.1).collect();
-        let order_ids: Vec<Option<&str>> = batch.orders.iter().map(|o| o.2.as_deref()).collect();
+        let order_tenants: Vec<&str> = batch.orders.iter().map(|o| o.tenant.as_str()).collect();
+        let order_events: Vec<i64> = batch.orders.iter().map(|o| o.event_id).collect();
+        let order_ids: Vec<Option<&str>> =
+            batch.orders.iter().map(|o| o.order_id.as_deref()).collect();
         let order_numbers: Vec<Option<&str>> =
-            batch.orders.iter().map(|o| o.3.as_deref()).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 22] = [
+            batch.orders.iter().map(|o| o.number.as_deref()).collect();
+        let order_closed: Vec<bool> = batch.orders.iter().map(|o| o.closed).collect();
+        let closed_tenants: Vec<&str> = batch.closed.iter().map(|c| c.0.as_str()).collect();
+        let closed_orders: Vec<&str> = batch.closed.iter().map(|c| c.1.as_str()).collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 25] = [
             &batch.gids,
             &tenants,
             &ids,
@@ -388,6 +426,9 @@ impl SequencerQueries {
             &order_events,
             &order_ids,
             &order_numbers,
+            &order_closed,
+            &closed_tenants,
+            &closed_orders,
         ];
         if batch.resets.is_empty() {
             // The common case: one round trip, one implicit transaction.

@@ -118,6 +118,9 @@ where
         .map_err(Error::from)
 }
 
+/// Overdue orders one tenant's view lists at most (oldest first).
+const MAX_OVERDUE: i64 = 100;
+
 async fn tenants(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -167,17 +170,19 @@ async fn tenant(
     if !is_valid_tenant_slug(&slug) {
         return Err(not_found());
     }
+    let ack_timeout = state.tuning.ack_timeout.as_secs();
     let found = with_client(&state, async |c| {
         let Some(t) = db::admin::tenant(&***c, &slug).await? else {
             return Ok(None);
         };
         let connections = db::admin::connections(&***c, Some(&slug), MAX_CONNECTIONS).await?;
         let keys = db::admin::tenant_keys(&***c, &slug).await?;
-        Ok(Some((t, connections, keys)))
+        let overdue = db::acks::overdue(&***c, Some(&slug), ack_timeout, MAX_OVERDUE).await?;
+        Ok(Some((t, connections, keys, overdue)))
     })
     .await
     .map_err(IntoResponse::into_response)?;
-    let Some((t, connections, keys)) = found else {
+    let Some((t, connections, keys, overdue)) = found else {
         return Err(not_found());
     };
     let keys: Vec<Value> = keys
@@ -192,12 +197,18 @@ async fn tenant(
             })
         })
         .collect();
+    // Two states, kept apart: an order no terminal received (the POS are offline) is a
+    // different problem from one a terminal received and nobody acknowledged (the kitchen).
+    let (undelivered, unacknowledged): (Vec<_>, Vec<_>) =
+        overdue.into_iter().partition(|o| o.undelivered());
     Ok(Json(json!({
         "tenant": slug,
         "name": t.name,
         "latest_event_id": t.latest_event_id,
         "connections": connections,
         "keys": keys,
+        "orders_undelivered": undelivered,
+        "orders_unacknowledged": unacknowledged,
     })))
 }
 

@@ -95,6 +95,10 @@ fn asset(
         .into_response()
 }
 
+/// Overdue orders the page lists at most (oldest first): more than a screen; the gauges count
+/// them all.
+const MAX_OVERDUE_SHOWN: i64 = 200;
+
 /// One tenant as the status page shows it.
 #[derive(Debug, Serialize)]
 struct TenantView {
@@ -102,7 +106,12 @@ struct TenantView {
     terminals: Vec<ConnectionRow>,
     /// Received events with no terminal connected within the last 10 minutes.
     undelivered: Option<Undelivered>,
-    /// No terminal now, and events arrived with none: shown in red.
+    /// Orders past the acknowledgement timeout that never reached a terminal.
+    orders_undelivered: usize,
+    /// Orders past the acknowledgement timeout that reached a terminal, not acknowledged.
+    orders_unacknowledged: usize,
+    /// No terminal now and events arrived with none, or orders wait for an acknowledgement past
+    /// the timeout: shown in red.
     alert: bool,
     last_event: Option<RecentEvent>,
 }
@@ -117,17 +126,27 @@ async fn data(
     }
     let recent = state.activity.recent();
     let undelivered = state.activity.undelivered();
+    let ack_timeout = state.tuning.ack_timeout.as_secs();
     let from_db = admin::with_client(&state, async |c| {
         let instances = db::admin::instances(&***c).await?;
         let connections = db::admin::connections(&***c, None, admin::MAX_CONNECTIONS).await?;
         let (tenants, connections_total) = db::admin::counts(&***c).await?;
-        Ok((instances, connections, tenants, connections_total))
+        let overdue = db::acks::overdue(&***c, None, ack_timeout, MAX_OVERDUE_SHOWN).await?;
+        Ok((instances, connections, tenants, connections_total, overdue))
     })
     .await;
-    let (instances, connections, tenant_count, connection_count, database_error) = match from_db {
-        Ok((i, c, t, n)) => (i, c, Some(t), Some(n), None),
-        Err(e) => (Vec::new(), Vec::new(), None, None, Some(e.to_string())),
-    };
+    let (instances, connections, tenant_count, connection_count, overdue, database_error) =
+        match from_db {
+            Ok((i, c, t, n, o)) => (i, c, Some(t), Some(n), o, None),
+            Err(e) => (
+                Vec::new(),
+                Vec::new(),
+                None,
+                None,
+                Vec::new(),
+                Some(e.to_string()),
+            ),
+        };
     let database_ok = database_error.is_none();
 
     let mut tenants: BTreeMap<String, TenantView> = BTreeMap::new();
@@ -135,6 +154,8 @@ async fn data(
         tenant: slug.to_owned(),
         terminals: Vec::new(),
         undelivered: None,
+        orders_undelivered: 0,
+        orders_unacknowledged: 0,
         alert: false,
         last_event: None,
     };
@@ -152,6 +173,16 @@ async fn data(
             .or_insert_with_key(|slug| view(slug))
             .undelivered = Some(u);
     }
+    for o in &overdue {
+        let t = tenants
+            .entry(o.tenant.clone())
+            .or_insert_with(|| view(&o.tenant));
+        if o.undelivered() {
+            t.orders_undelivered += 1;
+        } else {
+            t.orders_unacknowledged += 1;
+        }
+    }
     // `recent` is newest first: the first seen per tenant is its last event.
     for e in &recent {
         let t = tenants
@@ -165,7 +196,8 @@ async fn data(
         .into_values()
         .map(|mut t| {
             // Without the database the terminals are unknown: no red we cannot stand behind.
-            t.alert = database_ok && t.terminals.is_empty() && t.undelivered.is_some();
+            t.alert = (database_ok && t.terminals.is_empty() && t.undelivered.is_some())
+                || t.orders_undelivered + t.orders_unacknowledged > 0;
             t
         })
         .collect();
@@ -179,7 +211,7 @@ async fn data(
         "database_error": database_error,
         "listener": {
             "up": listener.is_following(),
-            "mode": listener.mode().map(|m| format!("{m:?}").to_lowercase()),
+            "mode": listener.mode().map(|m| m.as_str()),
             "read_age_ms": listener.last_read_age().map(|d| d.as_millis() as u64),
             "lag_ms": state.metrics.last_lag().map(|d| d.as_secs_f64() * 1000.0),
         },
@@ -188,6 +220,7 @@ async fn data(
         "tenant_count": tenant_count,
         "connection_count": connection_count,
         "tenants": tenants,
+        "overdue_orders": overdue,
         "recent": recent,
     });
     (SECURITY_HEADERS, Json(body)).into_response()
@@ -203,6 +236,10 @@ struct GaugeReading {
     at: Instant,
     notification_queue_usage: f64,
     tenants_without_terminal: i64,
+    /// Overdue orders never delivered to a terminal.
+    orders_undelivered: i64,
+    /// Overdue orders delivered and not acknowledged.
+    orders_unacknowledged: i64,
 }
 
 impl DatabaseGauges {
@@ -228,18 +265,23 @@ pub async fn refresh_gauges(state: AppState) {
             _ = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let ack_timeout = state.tuning.ack_timeout.as_secs();
         let read = state.admin_db.run(GAUGE_QUERY_TIMEOUT, async |c| {
-            db::admin::gauges(&***c).await
+            let gauges = db::admin::gauges(&***c).await?;
+            let overdue = db::acks::overdue_counts(&***c, ack_timeout).await?;
+            Ok((gauges, overdue))
         });
         let read = tokio::select! {
             _ = state.shutdown.cancelled() => return,
             r = read => r,
         };
         match read {
-            Ok(gauges) => state.db_gauges.set(GaugeReading {
+            Ok((gauges, (undelivered, unacknowledged))) => state.db_gauges.set(GaugeReading {
                 at: Instant::now(),
                 notification_queue_usage: gauges.notification_queue_usage,
                 tenants_without_terminal: gauges.tenants_without_terminal,
+                orders_undelivered: undelivered,
+                orders_unacknowledged: unacknowledged,
             }),
             // Visible as orderpush_scrape_database_ok 0 once the last reading is too old.
             Err(e) => tracing::debug!(error = %e, "database gauges not refreshed"),
@@ -302,6 +344,16 @@ pub fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str, f64)>
             "orderpush_tenants_without_terminal",
             "Tenants with an active API key and no terminal connected to any instance.",
             r.tenants_without_terminal as f64,
+        ));
+        gauges.push((
+            "orderpush_orders_undelivered",
+            "Open orders past their tenant's acknowledgement timeout that never reached a terminal (cluster-wide).",
+            r.orders_undelivered as f64,
+        ));
+        gauges.push((
+            "orderpush_orders_unacknowledged",
+            "Open orders past their tenant's acknowledgement timeout that reached a terminal and were not acknowledged (cluster-wide).",
+            r.orders_unacknowledged as f64,
         ));
     }
     gauges

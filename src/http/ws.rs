@@ -304,6 +304,11 @@ async fn serve_socket(
     } = join;
     info!(tenant = %tenant, key_id = %key_id, since, snapshot, "new WebSocket connection for tenant: {tenant}");
     let registration = state.presence.register(tenant, key_id, peer, since);
+    if types.as_ref().is_some_and(|t| !t.passes("new_order")) {
+        // It never sees orders: what it receives and acknowledges must not count as the
+        // kitchen having them (the acknowledgement chain).
+        registration.takes_no_orders();
+    }
     let conn = Conn::new(stream, registration.delivery_log(), types);
     // Subscribe before replaying: every event is then either in the replay or offered to the
     // connection (queued while it replays).

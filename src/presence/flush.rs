@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Presence;
+use super::registry::Changes;
 use crate::db::presence::{InstanceStats, Terminal};
 use crate::db::{self, DbError};
 use crate::metrics::Metrics;
@@ -35,30 +36,36 @@ pub struct FlushReport {
 
 impl Presence {
     /// Writes the heartbeat, this instance's connection changes and its stats in one
-    /// transaction, expires dead instances, then refreshes the cluster view. On failure the
-    /// next flush rewrites every row.
+    /// transaction, with what its terminals received and acknowledged (the acknowledgement
+    /// chain), expires dead instances, then refreshes the cluster view. On failure the next
+    /// flush rewrites every row.
     pub async fn flush(
         &self,
         client: &mut tokio_postgres::Client,
         stats: &InstanceStats,
     ) -> Result<FlushReport, DbError> {
-        let result = tokio::time::timeout(QUERY_TIMEOUT, self.try_flush(client, stats)).await;
+        // Taken out here, not in the timed part: a flush that times out is dropped mid-way,
+        // and what closed connections received must survive it.
+        let mut changes = self.registry.take_changes(false);
+        let result =
+            tokio::time::timeout(QUERY_TIMEOUT, self.write(client, stats, &mut changes)).await;
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(DbError::Timeout),
         };
         if result.is_err() {
             self.need_full_resync();
+            self.registry.keep_finished(changes.finished);
         }
         result
     }
 
-    async fn try_flush(
+    async fn write(
         &self,
         client: &mut tokio_postgres::Client,
         stats: &InstanceStats,
+        changes: &mut Changes,
     ) -> Result<FlushReport, DbError> {
-        let mut changes = self.registry.take_changes(false);
         let me = self.info.id.as_str();
         let tx = client.transaction().await?;
         let inserted = db::presence::heartbeat(&tx, &self.info.as_row(), stats).await?;
@@ -66,7 +73,11 @@ impl Presence {
             // Our row was gone (expired by another instance after a long stall, or the database
             // failed over and the unlogged tables came back empty): rewrite everything.
             warn!(target: LOG_TARGET, "presence: this instance's rows had disappeared; re-registering");
-            changes = self.registry.take_changes(true);
+            let all = self.registry.take_changes(true);
+            changes.full = true;
+            changes.removed = all.removed;
+            changes.changed = all.changed;
+            changes.finished.extend(all.finished);
         }
         if changes.full {
             db::presence::clear_terminals(&tx, me).await?;
@@ -78,6 +89,7 @@ impl Presence {
                 changes.changed.iter().map(|c| c.as_terminal()).collect();
             db::presence::upsert_terminals(&tx, me, &terminals).await?;
         }
+        let acked_late = db::acks::record(&tx, &changes.progress()).await?;
         let expired = db::presence::expire_instances(&tx, me).await?;
         tx.commit().await?;
         if expired > 0 {
@@ -85,6 +97,17 @@ impl Presence {
                 target: LOG_TARGET,
                 expired,
                 "presence: removed instances whose heartbeat stopped"
+            );
+        }
+        for order in acked_late {
+            // The other half of the unacknowledged warning, so a log reader sees the order's
+            // story end. Escaped: an order number is the application's data.
+            let number = order.order_number.as_deref().unwrap_or("?").escape_debug();
+            info!(
+                target: LOG_TARGET,
+                tenant = %order.tenant, id = order.event_id,
+                "order {number} for tenant {} acknowledged after {:.0} s",
+                order.tenant, order.waited_seconds
             );
         }
 

@@ -7,10 +7,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::db::acks::Progress;
 use crate::db::presence::Terminal;
 
 /// A value meaning "none yet" in the atomics (event ids are >= 0).
 const NONE: i64 = -1;
+/// Closed connections whose last deliveries and acknowledgements wait for the next flush. One
+/// interval's worth of closes is far below this; during a database outage the oldest are
+/// dropped, which only loses when those orders were first delivered or acknowledged (the
+/// acknowledgement chain's times), never an event.
+const MAX_FINISHED: usize = 10_000;
 
 /// One connected terminal, shared between its socket task (which updates it) and the flush.
 #[derive(Debug)]
@@ -24,9 +30,31 @@ pub struct Connection {
     last_delivered: AtomicI64,
     last_acked: AtomicI64,
     dirty: AtomicBool,
+    /// It receives `new_order` (no type filter leaves it out), so what it was sent and
+    /// acknowledged counts in the acknowledgement chain.
+    takes_orders: AtomicBool,
 }
 
 impl Connection {
+    /// The socket asked for types that leave `new_order` out: its deliveries and
+    /// acknowledgements say nothing about orders.
+    pub fn takes_no_orders(&self) {
+        self.takes_orders.store(false, Ordering::Relaxed);
+    }
+
+    /// What it received and acknowledged, for the acknowledgement chain; `None` when that says
+    /// nothing about orders (nothing yet, or a socket without `new_order`).
+    pub fn progress(&self) -> Option<Progress<'_>> {
+        let (delivered, acked) = (self.last_delivered(), self.last_acked());
+        (self.takes_orders.load(Ordering::Relaxed) && (delivered.is_some() || acked.is_some()))
+            .then_some(Progress {
+                tenant: &self.tenant,
+                key_id: &self.key_id,
+                delivered,
+                acked,
+            })
+    }
+
     /// Records that event `id` was written to the socket.
     pub fn delivered(&self, id: i64) {
         self.last_delivered.store(id, Ordering::Relaxed);
@@ -107,6 +135,13 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut local = self.registry.lock();
         local.live.remove(&self.conn.id);
+        // What it received since the last flush still counts for the orders' chain.
+        if self.conn.dirty.load(Ordering::Acquire) && self.conn.progress().is_some() {
+            if local.finished.len() >= MAX_FINISHED {
+                local.finished.remove(0);
+            }
+            local.finished.push(Arc::clone(&self.conn));
+        }
         // A full rewrite is pending anyway (and during a database outage this list would only
         // grow): remembering the id is needed only for an incremental flush.
         if !local.full_resync {
@@ -121,6 +156,9 @@ struct Local {
     /// Closed since the last flush (bounded by connections closed per interval: cleared when
     /// a flush takes it or fails).
     removed: Vec<u64>,
+    /// Closed since the last flush with deliveries or acknowledgements not yet written (at most
+    /// [`MAX_FINISHED`]).
+    finished: Vec<Arc<Connection>>,
     /// The database may not match memory (first flush, or a failed one): rewrite every row.
     full_resync: bool,
 }
@@ -134,6 +172,20 @@ pub struct Changes {
     pub removed: Vec<u64>,
     /// Connections to insert or update (all of them when `full`).
     pub changed: Vec<Arc<Connection>>,
+    /// Connections closed since the last flush whose last deliveries and acknowledgements are
+    /// not written yet.
+    pub finished: Vec<Arc<Connection>>,
+}
+
+impl Changes {
+    /// Deliveries and acknowledgements to record in the acknowledgement chain.
+    pub fn progress(&self) -> Vec<Progress<'_>> {
+        self.changed
+            .iter()
+            .chain(&self.finished)
+            .filter_map(|c| c.progress())
+            .collect()
+    }
 }
 
 /// The terminals connected to this instance.
@@ -150,6 +202,7 @@ impl Default for Registry {
             local: Mutex::new(Local {
                 live: HashMap::new(),
                 removed: Vec::new(),
+                finished: Vec::new(),
                 // Nothing of this instance is in the database yet.
                 full_resync: true,
             }),
@@ -176,6 +229,7 @@ impl Registry {
             last_delivered: AtomicI64::new(NONE),
             last_acked: AtomicI64::new(NONE),
             dirty: AtomicBool::new(true),
+            takes_orders: AtomicBool::new(true),
         });
         self.lock().live.insert(conn.id, Arc::clone(&conn));
         Registration {
@@ -200,6 +254,7 @@ impl Registry {
         let mut local = self.lock();
         let full = std::mem::take(&mut local.full_resync) || force_full;
         let removed = std::mem::take(&mut local.removed);
+        let finished = std::mem::take(&mut local.finished);
         let changed = local
             .live
             .values()
@@ -211,7 +266,16 @@ impl Registry {
             full,
             removed,
             changed,
+            finished,
         }
+    }
+
+    /// A flush that took `finished` failed: they wait for the next one (recording them twice
+    /// is harmless, each order keeps its first times).
+    pub fn keep_finished(&self, finished: Vec<Arc<Connection>>) {
+        let mut local = self.lock();
+        let room = MAX_FINISHED.saturating_sub(local.finished.len());
+        local.finished.extend(finished.into_iter().take(room));
     }
 
     /// The database may no longer match memory: the next flush rewrites every row.

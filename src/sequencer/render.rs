@@ -167,17 +167,31 @@ pub fn new_order(map: &FieldMap, order: &Columns<'_>, items: &[Columns<'_>]) -> 
         .end()
 }
 
-/// An order's id and number as text, for the acknowledgement chain (`orderpush.order_acks`).
-pub fn order_ref(map: &FieldMap, order: &Columns<'_>) -> (Option<String>, Option<String>) {
+/// An order's id, number and status as text, from its row in a `new_order` or `order_updated`
+/// (`kind`, whose column names apply), for the acknowledgement chain (`orderpush.order_acks`).
+pub fn order_ref(map: &FieldMap, kind: &str, order: &Columns<'_>) -> OrderRef {
     let text_of = |field, default| {
         order
-            .get(map.column("new_order", field, default))
+            .get(map.column(kind, field, default))
+            .filter(|v| v.get() != NULL)
             .map(|v| serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned()))
     };
-    (
-        text_of("orderId", "id"),
-        text_of("orderNumber", "order_number"),
-    )
+    OrderRef {
+        id: text_of("orderId", "id"),
+        number: text_of("orderNumber", "order_number"),
+        status: text_of("status", "status"),
+    }
+}
+
+/// Which order a row is, and its status: see [`order_ref`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OrderRef {
+    /// The order's id.
+    pub id: Option<String>,
+    /// Its number (what the kitchen calls it).
+    pub number: Option<String>,
+    /// Its status after the write.
+    pub status: Option<String>,
 }
 
 /// `order_updated` data from the row after the change and the status/updated_at before it.

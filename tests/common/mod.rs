@@ -1,9 +1,11 @@
 //! The shared test harness, by concern: a fresh database per test ([`db`]), the real server on
 //! port 0 ([`server`]), real WebSocket clients ([`pos`]), the application's writes
-//! ([`writers`]), child processes ([`process`]) and the set-ups many tests share ([`fixture`]).
+//! ([`writers`]), child processes ([`process`]), the SQL of the docs ([`docs`]) and the set-ups
+//! many tests share ([`fixture`]).
 //! Tests `use crate::common::*`.
 
 pub(crate) mod db;
+pub(crate) mod docs;
 pub(crate) mod fixture;
 pub(crate) mod pos;
 pub(crate) mod process;
@@ -13,6 +15,7 @@ pub(crate) mod writers;
 use std::time::Duration;
 
 pub(crate) use db::*;
+pub(crate) use docs::*;
 pub(crate) use fixture::*;
 pub(crate) use pos::*;
 pub(crate) use process::*;

@@ -33,16 +33,21 @@ pub(crate) async fn connect_status(server: &TestServer, path: &str, key: Option<
 }
 
 impl Pos {
+    /// Connects to `tenant`'s stream, resuming after `since` when given.
     pub(crate) async fn connect(
         server: &TestServer,
         tenant: &str,
         key: &str,
         since: Option<i64>,
     ) -> Self {
-        let path = match since {
-            Some(s) => format!("/ws/pos/{tenant}?since={s}"),
-            None => format!("/ws/pos/{tenant}"),
-        };
+        let query = since.map_or(String::new(), |s| format!("?since={s}"));
+        Self::join(server, tenant, key, &query).await
+    }
+
+    /// Connects to `tenant`'s stream with a query string of its own (`""` or `"?…"`), e.g.
+    /// `"?snapshot=open&types=new_order"`.
+    pub(crate) async fn join(server: &TestServer, tenant: &str, key: &str, query: &str) -> Self {
+        let path = format!("/ws/pos/{tenant}{query}");
         let mut req = server.ws(&path).into_client_request().unwrap();
         req.headers_mut().insert("X-API-Key", key.parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(req)

@@ -1,6 +1,9 @@
 //! Child processes: the real `orderpush` binary and any process that prints JSON documents.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -146,4 +149,93 @@ impl Drop for JsonChild {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `orderpush serve` on a free loopback port (`--listen 127.0.0.1:0`: [`Serve::addr`] reads
+/// the port from its logs), its stderr lines streamed to a channel; killed on drop.
+pub(crate) struct Serve {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Serve {
+    pub(crate) fn start(db: &TestDb, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orderpush"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        // Ends by itself when the child's stderr closes.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line satisfying `want`, within [`WAIT`].
+    pub(crate) fn wait_for(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line for {what}; got:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Where it listens, once it says so (started with `--log-format json`), after its listener
+    /// follows the log.
+    pub(crate) fn json_listening_addr(&mut self) -> String {
+        let listening = self.wait_for("listening", |l| {
+            log_message(l).is_some_and(|m| m == "orderpush listening")
+        });
+        let v: Value = serde_json::from_str(&listening).unwrap();
+        let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
+        self.wait_for("the listener", |l| {
+            log_message(l).is_some_and(|m| m.contains("listener following"))
+        });
+        addr
+    }
+
+    /// Every line received so far (after draining what is buffered).
+    pub(crate) fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The message of one line of `--log-format json` output.
+pub(crate) fn log_message(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    Some(v["fields"]["message"].as_str()?.to_owned())
 }

@@ -55,7 +55,12 @@ function terminal(t) {
 
 function tenantRow(t) {
   let state;
-  if (t.alert) {
+  const waiting = [];
+  if (t.orders_undelivered) waiting.push(`${t.orders_undelivered} order(s) never delivered`);
+  if (t.orders_unacknowledged) waiting.push(`${t.orders_unacknowledged} order(s) not acknowledged`);
+  if (waiting.length) {
+    state = `ORDERS WAITING — ${waiting.join(", ")}`;
+  } else if (t.alert) {
     const u = t.undelivered;
     const what = u.orders ? `${u.orders} order(s)` : `${u.events} event(s)`;
     state = `NO TERMINAL — ${what} undelivered, last ${ago(u.last_at)}`;
@@ -72,6 +77,16 @@ function tenantRow(t) {
     el("td", { class: "state" }, state),
     el("td", {}, ...(t.terminals.length ? t.terminals.map(terminal) : [el("span", { class: "muted" }, "none")])),
     el("td", {}, last));
+}
+
+function overdueRow(o) {
+  const state = o.first_delivered_at
+    ? `not acknowledged (delivered ${ago(o.first_delivered_at)})`
+    : "never delivered";
+  return el("tr", { class: "alert", tenant: o.tenant, order: o.order_number ?? "" },
+    el("td", {}, el("strong", {}, o.order_number ?? "?")), el("td", {}, o.tenant),
+    el("td", { class: "num" }, o.event_id), el("td", { class: "state" }, state),
+    el("td", { class: "num" }, `${Math.round(o.waited_seconds)} s (limit ${o.timeout_seconds} s)`));
 }
 
 function eventRow(e) {
@@ -116,7 +131,12 @@ function render(d) {
   $("tenant-note").textContent = d.tenant_count === null ? "" :
     `(with terminals or recent events; ${d.tenant_count} tenants in total)`;
 
+  const overdue = d.overdue_orders || [];
+  $("n-overdue").textContent = d.database_ok ? overdue.length : "?";
+  $("card-overdue").classList.toggle("bad", overdue.length > 0);
+
   fill("tenants", "tenants-empty", d.tenants.map(tenantRow));
+  fill("overdue", "overdue-empty", overdue.map(overdueRow));
   fill("events", "events-empty", d.recent.map(eventRow));
   fill("instances", null, d.instances.map((i) => instanceRow(i, d.this_instance)));
 }
