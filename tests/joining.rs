@@ -407,3 +407,46 @@ async fn a_type_filter_sends_only_those_types_without_false_resyncs() {
         assert_eq!(status, 400, "{bad}");
     }
 }
+
+/// The open orders' numbers in one snapshot, sorted.
+async fn snapshot_numbers(server: &TestServer, key: &str) -> Vec<String> {
+    let mut pos = Pos::join(server, "kitchen", key, "?snapshot=open").await;
+    let mut numbers = Vec::new();
+    loop {
+        let f = frame(&mut pos).await;
+        match f["type"].as_str() {
+            Some("order_snapshot") => {
+                numbers.push(f["data"]["orderNumber"].as_str().unwrap().to_owned())
+            }
+            Some("snapshot_end") => break,
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    numbers.sort();
+    numbers
+}
+
+#[tokio::test]
+async fn the_documented_closed_statuses_and_index_decide_what_is_open() {
+    let refund = "INSERT INTO orderpush.closed_statuses (status) VALUES ('refunded');";
+    let reopen = "DELETE FROM orderpush.closed_statuses WHERE status = 'cancelled';";
+    let index = "CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_open_idx
+    ON public.orders (tenant_slug, (coalesce(scheduled_for, created_at)));";
+    for snippet in [refund, reopen, index] {
+        assert!(DBA_MD.contains(snippet), "docs/dba.md lost:\n{snippet}");
+    }
+    let (db, server, key) = kitchen().await;
+    let c = db.client().await;
+    for (number, status) in [
+        ("P-1", "pending"),
+        ("R-1", "refunded"),
+        ("C-1", "cancelled"),
+    ] {
+        order(&c, number, status, 1.0).await;
+    }
+    assert_eq!(snapshot_numbers(&server, &key).await, ["P-1", "R-1"]);
+    c.batch_execute(refund).await.unwrap();
+    c.batch_execute(reopen).await.unwrap();
+    c.batch_execute(index).await.unwrap();
+    assert_eq!(snapshot_numbers(&server, &key).await, ["C-1", "P-1"]);
+}
