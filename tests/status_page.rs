@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
+use orderpush::config::AckTimeout;
 use serde_json::Value;
 
 use crate::common::*;
@@ -128,7 +130,12 @@ async fn status_page_in_headless_chromium_shows_the_terminal_the_order_and_the_r
         .unwrap();
     let token = "status-admin-token-0123";
     let server = TestServer::builder(&db)
-        .tuning(fast_presence)
+        .tuning(|t| {
+            fast_presence(t);
+            // Short enough that bistro's order is overdue while the page is open.
+            t.ack_timeout = AckTimeout(Some(Duration::from_secs(2)));
+            t.ack_check_interval = Duration::from_millis(200);
+        })
         .admin_token(token)
         .start()
         .await;
@@ -145,6 +152,7 @@ async fn status_page_in_headless_chromium_shows_the_terminal_the_order_and_the_r
         .env("POS_KEY", &created.secret)
         .env("KEY_ID", &created.id)
         .env("ALERT_TENANT", "bistro")
+        .env("ALERT_ORDER", "BIS-77")
         .env("ORDER_NUMBER", "KIT-6452")
         .env("SCREENSHOT", &screenshot)
         .env("CHROMIUM", &chromium)
@@ -185,6 +193,16 @@ async fn status_page_in_headless_chromium_shows_the_terminal_the_order_and_the_r
             .contains("NO TERMINAL"),
         "{result:#}"
     );
+    // Past the timeout, bistro's order waits in the list, as never delivered (no terminal).
+    let overdue = result["overdue_text"].as_str().unwrap();
+    assert!(
+        overdue.contains("BIS-77") && overdue.contains("never delivered"),
+        "{overdue}"
+    );
+    assert_eq!(
+        result["overdue_count"], "1",
+        "the kitchen's order was acknowledged"
+    );
     let page = result["page_text"].as_str().unwrap();
     assert!(page.contains(&created.id), "{page}");
     assert!(!page.contains(CUSTOMER), "{page}");
@@ -192,6 +210,12 @@ async fn status_page_in_headless_chromium_shows_the_terminal_the_order_and_the_r
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
     // The browser POS acked the order, and presence recorded it (checked before it closed).
-    let order_id = result["pos_received"][0]["id"].as_i64().unwrap();
+    let order_id = result["pos_received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "new_order")
+        .and_then(|e| e["id"].as_i64())
+        .expect("the order was received");
     assert_eq!(result["acked_in_presence"], order_id, "{result:#}");
 }

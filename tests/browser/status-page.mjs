@@ -2,10 +2,12 @@
 //   1. a browser-based POS connects to the WebSocket with its key in Sec-WebSocket-Protocol
 //      (the browser way, docs/browser-auth.md) and acks what it receives;
 //   2. the /status page is opened and must show that terminal, the order the test inserts for
-//      its tenant, and the other tenant (orders, no terminal) in red;
+//      its tenant, the other tenant (orders, no terminal) in red, and that tenant's order
+//      (ALERT_ORDER) in the list of orders waiting past the acknowledgement timeout;
 //   3. a screenshot is saved.
-// Input (environment): BASE_URL, TENANT, POS_KEY, KEY_ID, ALERT_TENANT, ORDER_NUMBER,
-// SCREENSHOT, optionally CHROMIUM and ADMIN_TOKEN (sent as HTTP Basic credentials).
+// Input (environment): BASE_URL, TENANT, POS_KEY, KEY_ID, ALERT_TENANT, ALERT_ORDER,
+// ORDER_NUMBER, SCREENSHOT, optionally CHROMIUM and ADMIN_TOKEN (sent as HTTP Basic
+// credentials).
 // Output: one JSON line on stdout; exit code 0 only when every check passed.
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -25,6 +27,7 @@ const tenant = env("TENANT");
 const key = env("POS_KEY");
 const keyId = env("KEY_ID");
 const alertTenant = env("ALERT_TENANT");
+const alertOrder = env("ALERT_ORDER");
 const orderNumber = env("ORDER_NUMBER");
 const screenshot = env("SCREENSHOT");
 const profile = mkdtempSync(join(tmpdir(), "orderpush-chromium-"));
@@ -100,6 +103,12 @@ try {
     `#tenants tr[data-tenant="${tenant}"]`,
     (tr) => tr.classList.contains("alert"),
   );
+  await page.waitForFunction(
+    (n) => document.querySelector(`#overdue tr[data-order="${n}"]`) !== null,
+    alertOrder,
+  );
+  result.overdue_text = await page.$eval(`#overdue tr[data-order="${alertOrder}"]`, (tr) => tr.innerText);
+  result.overdue_count = await page.$eval("#n-overdue", (n) => n.textContent);
   result.page_text = await page.innerText("main");
 
   // The POS really got the order (and acked it).

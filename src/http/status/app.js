@@ -55,15 +55,18 @@ function terminal(t) {
 
 function tenantRow(t) {
   let state;
-  const waiting = [];
-  if (t.orders_undelivered) waiting.push(`${t.orders_undelivered} order(s) never delivered`);
-  if (t.orders_unacknowledged) waiting.push(`${t.orders_unacknowledged} order(s) not acknowledged`);
-  if (waiting.length) {
-    state = `ORDERS WAITING — ${waiting.join(", ")}`;
-  } else if (t.alert) {
-    const u = t.undelivered;
+  const alerts = [];
+  const u = t.undelivered;
+  if (u && !t.terminals.length) {
     const what = u.orders ? `${u.orders} order(s)` : `${u.events} event(s)`;
-    state = `NO TERMINAL — ${what} undelivered, last ${ago(u.last_at)}`;
+    alerts.push(`NO TERMINAL — ${what} undelivered, last ${ago(u.last_at)}`);
+  }
+  const waiting = [];
+  if (t.orders_undelivered) waiting.push(`${t.orders_undelivered} never delivered`);
+  if (t.orders_unacknowledged) waiting.push(`${t.orders_unacknowledged} not acknowledged`);
+  if (waiting.length) alerts.push(`ORDERS WAITING — ${waiting.join(", ")}`);
+  if (t.alert && alerts.length) {
+    state = alerts.join(" · ");
   } else if (t.terminals.length) {
     state = `${t.terminals.length} connected`;
   } else {
