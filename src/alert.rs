@@ -22,7 +22,7 @@ pub const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The log target of these lines: the one they had while the listener wrote them, which log
 /// filters and docs/operations.md name.
-const LOG_TARGET: &str = "orderpush::listener";
+const DELIVERY_LOG_TARGET: &str = "orderpush::listener";
 
 /// Decides, per event, whether a terminal received it, and reports the ones none did.
 pub struct UndeliveredAlert {
@@ -31,8 +31,16 @@ pub struct UndeliveredAlert {
     presence: Option<Arc<Presence>>,
     /// The status page's record of recent events.
     activity: Option<Arc<Activity>>,
-    /// When each tenant (and, separately, each tenant's non-order events) was last warned about.
-    last_warning: HashMap<Arc<str>, Instant>,
+    /// When each tenant's orders, and separately its other events, were last warned about.
+    last_warning: HashMap<(Arc<str>, Warned), Instant>,
+}
+
+/// What a tenant was warned about: its orders are never silenced by a warning about its other
+/// events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Warned {
+    Orders,
+    OtherEvents,
 }
 
 impl UndeliveredAlert {
@@ -70,12 +78,12 @@ impl UndeliveredAlert {
         }
         if here == 0 && elsewhere == Some(true) {
             // Its terminals are on other instances, which log the delivery: no noise here.
-            debug!(target: LOG_TARGET, tenant = %event.tenant, "no local connections for tenant: {}", event.tenant);
+            debug!(target: DELIVERY_LOG_TARGET, tenant = %event.tenant, "no local connections for tenant: {}", event.tenant);
         } else if here == 0 {
-            info!(target: LOG_TARGET, tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
+            info!(target: DELIVERY_LOG_TARGET, tenant = %event.tenant, "no connections for tenant: {}", event.tenant);
         } else {
             info!(
-                target: LOG_TARGET,
+                target: DELIVERY_LOG_TARGET,
                 tenant = %event.tenant, event_type = %event.kind, id = event.id,
                 "event '{}' sent to {} clients for tenant: {} ({} failed)",
                 event.kind, sent, event.tenant, failed
@@ -94,11 +102,12 @@ impl UndeliveredAlert {
     fn warn(&mut self, event: &Event, cluster_wide: bool) {
         let now = Instant::now();
         let is_order = event.kind == "new_order";
-        let key: Arc<str> = if is_order {
-            Arc::clone(&event.tenant)
+        let what = if is_order {
+            Warned::Orders
         } else {
-            Arc::from(format!("{}\0other", event.tenant))
+            Warned::OtherEvents
         };
+        let key = (Arc::clone(&event.tenant), what);
         let last = self.last_warning.get(&key);
         if last.is_some_and(|t| now.duration_since(*t) < UNDELIVERED_WARN_INTERVAL) {
             return;
@@ -124,13 +133,13 @@ impl UndeliveredAlert {
             // Escaped: an order number is the application's data and must not forge log lines.
             let number = number.escape_debug();
             warn!(
-                target: LOG_TARGET,
+                target: DELIVERY_LOG_TARGET,
                 tenant = %event.tenant, id = event.id,
                 "order {number} for tenant {}: {scope}", event.tenant
             );
         } else {
             warn!(
-                target: LOG_TARGET,
+                target: DELIVERY_LOG_TARGET,
                 tenant = %event.tenant, id = event.id, event_type = %event.kind,
                 "event {} (id {}) for tenant {}: {scope}", event.kind, event.id, event.tenant
             );

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Shortest `--broadcast-token` accepted: a shorter shared secret is guessable by brute force.
-pub const MIN_BROADCAST_TOKEN_LEN: usize = 16;
+/// Shortest `--broadcast-token` and `--admin-token` accepted: a shorter shared secret is
+/// guessable by brute force.
+pub const MIN_TOKEN_LEN: usize = 16;
 /// Where `serve` listens: every interface, on the port of the WebSocket server it replaces, so
 /// the web app's /broadcast calls need no change.
 pub const LISTEN: &str = "0.0.0.0:9011";
@@ -332,10 +333,8 @@ fn parse_database_url(s: &str) -> Result<tokio_postgres::Config, String> {
 }
 
 fn parse_token(s: &str) -> Result<String, String> {
-    if s.chars().count() < MIN_BROADCAST_TOKEN_LEN {
-        return Err(format!(
-            "must be at least {MIN_BROADCAST_TOKEN_LEN} characters"
-        ));
+    if s.chars().count() < MIN_TOKEN_LEN {
+        return Err(format!("must be at least {MIN_TOKEN_LEN} characters"));
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("must not contain whitespace or control characters".into());

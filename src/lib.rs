@@ -3,14 +3,19 @@
 //! One event flows through each module once, never back:
 //!
 //! ```text
-//!  app write ──► trigger (migrations/) ──► orderpush.events row + pg_notify wake-up
-//!  POST /broadcast (http::broadcast) ──► db::events::append_broadcasts ┘
-//!                                             │
-//!                 listener  ◄─────────────────┘  reads new rows per tenant (the table is the truth)
-//!                    │
-//!                   hub     fan-out per tenant into bounded per-client queues
-//!                    │
-//!                 http::ws  one task per POS socket: replay (`since`), then live frames
+//!  app write ──► trigger orderpush.stage() (migrations/) ──► orderpush.staged row (+ wake-up)
+//!  POST /broadcast (http::broadcast) ──► db::broadcasts ─────┘
+//!                                                            │
+//!   sequencer (one elected instance) ◄───────────────────────┘ renders and numbers them into
+//!        │                                                     orderpush.events, one batch
+//!        ▼                                                     per statement, then NOTIFY
+//!   listener (every instance)  follows the log by batch (the table is the truth)
+//!        │
+//!       hub   per-tenant fan-out: each frame encoded once, offered to every socket
+//!        │
+//!   socket::Conn  written directly when the socket has room, else queued for its task
+//!        │
+//!   http::ws  one task per POS socket: replay (`since`) or snapshot, `ready`, then live
 //! ```
 //!
 //! - [`config`]: the command line (clap, with environment fallbacks), the server's tunables and
@@ -21,7 +26,9 @@
 //! - [`listener`]: the dedicated LISTEN connection that follows the event log.
 //! - [`sequencer`]: the elected instance that numbers staged rows into events.
 //! - [`hub`]: per-tenant fan-out to connected clients with bounded queues.
-//! - [`alert`]: the undelivered-event alert, after each event is handed to the sockets.
+//! - [`socket`]: one POS socket's wire format, handshake and ordered write path.
+//! - [`alert`]: the undelivered-event alert, after each event is handed to the sockets, and the
+//!   unacknowledged-order alert.
 //! - [`http`]: the axum routes (`/ws/pos/{tenant}`, `/broadcast`, health, metrics, admin).
 //! - [`metrics`]: counters and histograms rendered in Prometheus text format.
 //! - [`presence`]: which terminals are connected to which instance, shared through the database.
@@ -31,13 +38,15 @@
 //! - [`server`]: wires everything together and runs until shutdown.
 //! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
 //! - [`cli`]: the subcommands behind the binary, and everything they print.
+//! - [`backoff`]: the capped exponential backoff of every reconnect loop.
 //!
 //! Modules depend on each other top-down (`cli` → `server` → `http` → `hub`, `listener`,
-//! `sequencer`, `revocation`, `presence`, `alert` → `db` → `event`, with `config` below all);
-//! `tests/structure.rs` checks it.
+//! `sequencer`, `revocation`, `presence`, `alert` → `socket` → `db` → `event`, with `config`
+//! and `backoff` below all); `tests/structure.rs` checks it.
 
 pub mod activity;
 pub mod alert;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod db;

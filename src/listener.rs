@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, oneshot};
-use tokio::time::{MissedTickBehavior, sleep, timeout};
+use tokio::time::{MissedTickBehavior, sleep};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::alert::UndeliveredAlert;
+use crate::backoff::Backoff;
 use crate::db::events::{FollowQueries, LogPosition, LogState};
 use crate::db::sequencer::BATCH_CHANNEL;
 use crate::db::wakeup::{ModeQuery, WakeupMode};
@@ -25,12 +26,6 @@ use crate::event::{Event, TENANT_RESET};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
 
-/// First reconnect delay: a killed backend is usually replaceable at once.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Reconnect delay cap: a restarting Postgres is retried every few seconds, no faster.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Any listener query slower than this means a dead or wedged connection: reconnect.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rows per read: bounds memory after a long outage; the scan loops until caught up.
 const SCAN_LIMIT: i64 = 500;
 /// Safety-net poll: the sequencer announces every batch, so this only bounds the delay of an
@@ -41,7 +36,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const MODE_RECHECK: Duration = Duration::from_secs(2);
 /// /readyz turns 503 when the listener has not completed a read for this long (docs/protocol.md:
 /// noticed within 10 s).
-pub const STALE_AFTER: Duration = Duration::from_secs(8);
+pub const LISTENER_STALE_AFTER: Duration = Duration::from_secs(8);
 /// /readyz turns 503 when a staged row has waited this long: no sequencer is numbering.
 pub const SEQUENCER_STALL: Duration = Duration::from_secs(10);
 
@@ -70,14 +65,14 @@ impl Default for ListenerHealth {
 }
 
 impl ListenerHealth {
-    /// True when connected, a read completed within [`STALE_AFTER`], and staged rows are being
+    /// True when connected, a read completed within [`LISTENER_STALE_AFTER`], and staged rows are being
     /// numbered.
     pub fn is_following(&self) -> bool {
         let last = self.last_read_ms.load(Ordering::Acquire);
         self.connected.load(Ordering::Acquire)
             && last > 0
             && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
-                <= STALE_AFTER.as_millis() as u64
+                <= LISTENER_STALE_AFTER.as_millis() as u64
             && !self.sequencer_stalled()
     }
 
@@ -247,7 +242,7 @@ impl Listener {
     /// Runs until `shutdown`: connect, LISTEN, catch up, follow; on any failure back off and
     /// start over.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::database();
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -256,20 +251,20 @@ impl Listener {
             // A connection that got as far as following worked: the next attempt starts from
             // the shortest delay. Only consecutive failures to get there back off further.
             if self.health.connected.swap(false, Ordering::AcqRel) {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
             }
             self.metrics.listener_up.store(0, Ordering::Relaxed);
+            let delay = backoff.next_delay();
             match result {
                 Ok(()) => return, // shutdown
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "listener lost its connection; reconnecting")
+                    warn!(error = %e, retry_in = ?delay, "listener lost its connection; reconnecting")
                 }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = sleep(backoff) => {}
+                _ = sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -471,11 +466,10 @@ impl Listener {
     }
 }
 
+/// Any listener query, bounded by [`db::QUERY_TIMEOUT`]: slower means a dead or wedged
+/// connection, and the listener reconnects.
 async fn with_timeout<T, E: Into<DbError>>(
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, DbError> {
-    match timeout(QUERY_TIMEOUT, f).await {
-        Ok(r) => r.map_err(Into::into),
-        Err(_) => Err(DbError::Timeout),
-    }
+    db::with_timeout(db::QUERY_TIMEOUT, f).await
 }

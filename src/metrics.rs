@@ -30,7 +30,9 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
-    const ALL: [DisconnectReason; 7] = [
+    /// Every reason, in declaration order: a reason's counter is `disconnects[reason as usize]`
+    /// (the unit tests check the order, so a new reason cannot be counted as another).
+    const ALL: [DisconnectReason; DisconnectReason::ServerError as usize + 1] = [
         DisconnectReason::Client,
         DisconnectReason::SlowConsumer,
         DisconnectReason::KeyRevoked,
@@ -65,7 +67,8 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
-    const ALL: [RefusalReason; 3] = [
+    /// Every cap, in declaration order (its counter is `connections_refused[reason as usize]`).
+    const ALL: [RefusalReason; RefusalReason::Tenant as usize + 1] = [
         RefusalReason::Total,
         RefusalReason::Key,
         RefusalReason::Tenant,
@@ -99,8 +102,9 @@ fn type_index(kind: &str) -> usize {
         .unwrap_or(KNOWN_TYPES.len() - 1)
 }
 
-/// `resync_required` reasons with their own label value, in the order of the counters.
-const RESYNC_REASONS: [ResyncReason; 6] = [
+/// Every `resync_required` reason, in declaration order (its counter is
+/// `resyncs[reason as usize]`).
+const RESYNC_REASONS: [ResyncReason; ResyncReason::Suppressed as usize + 1] = [
     ResyncReason::Retention,
     ResyncReason::ReplayTooLong,
     ResyncReason::BadEvent,
@@ -122,14 +126,14 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// POS sockets accepted.
     pub connects: AtomicU64,
-    disconnects: [AtomicU64; 7],
+    disconnects: [AtomicU64; DisconnectReason::ALL.len()],
     /// WebSocket upgrades refused for a missing, unknown or revoked key (401) or a wrong tenant (403).
     pub auth_failures: AtomicU64,
     /// POS keys looked up in the database (keys found in the key cache need none).
     pub key_lookups: AtomicU64,
-    connections_refused: [AtomicU64; 3],
-    events_db: [AtomicU64; 6],
-    events_broadcast: [AtomicU64; 6],
+    connections_refused: [AtomicU64; RefusalReason::ALL.len()],
+    events_db: [AtomicU64; KNOWN_TYPES.len()],
+    events_broadcast: [AtomicU64; KNOWN_TYPES.len()],
     /// Event frames written to sockets (replay included).
     pub frames_sent: AtomicU64,
     /// Of those, frames the fan-out wrote straight into a socket (no task woken, nothing
@@ -145,7 +149,7 @@ pub struct Metrics {
     pub snapshots: AtomicU64,
     /// `resync_required` frames a socket sent because its `since` could not be honoured, by
     /// reason (see [`Metrics::resync`]).
-    resyncs: [AtomicU64; 6],
+    resyncs: [AtomicU64; RESYNC_REASONS.len()],
     /// Sockets cut because they had something to send and completed no write for the drain
     /// timeout (`config::DRAIN_TIMEOUT`); counted when the hub kicks them.
     pub drain_timeouts: AtomicU64,
@@ -155,7 +159,7 @@ pub struct Metrics {
     pub broadcasts_rejected: AtomicU64,
     /// Events for a tenant with no terminal connected to any instance, by type; counted only by
     /// the reporting instance (see [`crate::presence::Presence::is_reporter`]).
-    undelivered: [AtomicU64; 6],
+    undelivered: [AtomicU64; KNOWN_TYPES.len()],
     /// `{"type":"ack"}` messages recorded from POS clients.
     pub acks: AtomicU64,
     /// Orders no terminal acknowledged within their tenant's timeout; each is counted once, by
@@ -181,7 +185,7 @@ pub struct Metrics {
     pub sequencer_rows: AtomicU64,
     /// Writes that could not become events (each became `resync_required`, `emit_failed`).
     pub emit_errors: AtomicU64,
-    lag_buckets: [AtomicU64; 12],
+    lag_buckets: [AtomicU64; LAG_BUCKETS.len()],
     lag_count: AtomicU64,
     lag_sum_micros: AtomicU64,
     /// The last observed lag plus one, in microseconds; 0 = none yet.
@@ -191,37 +195,23 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one socket end.
     pub fn disconnected(&self, reason: DisconnectReason) {
-        let i = DisconnectReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.disconnects[i].fetch_add(1, Relaxed);
+        self.disconnects[reason as usize].fetch_add(1, Relaxed);
         self.connections.fetch_sub(1, Relaxed);
     }
 
     /// Sockets closed for this reason so far.
     pub fn disconnect_count(&self, reason: DisconnectReason) -> f64 {
-        let i = DisconnectReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.disconnects[i].load(Relaxed) as f64
+        self.disconnects[reason as usize].load(Relaxed) as f64
     }
 
     /// Counts one WebSocket upgrade refused (503) because a connection cap was reached.
     pub fn connection_refused(&self, reason: RefusalReason) {
-        let i = RefusalReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.connections_refused[i].fetch_add(1, Relaxed);
+        self.connections_refused[reason as usize].fetch_add(1, Relaxed);
     }
 
     /// Counts one `resync_required` a socket sent instead of a replay.
     pub fn resync(&self, reason: ResyncReason) {
-        if let Some(i) = RESYNC_REASONS.iter().position(|r| *r == reason) {
-            self.resyncs[i].fetch_add(1, Relaxed);
-        }
+        self.resyncs[reason as usize].fetch_add(1, Relaxed);
     }
 
     /// Counts one event read from the log, by origin and type.
@@ -234,9 +224,9 @@ impl Metrics {
         .fetch_add(1, Relaxed);
     }
 
-    /// Counts one committed sequencer batch: staged rows consumed, events written, failures.
-    pub fn sequencer_batch(&self, rows: usize, events: usize, failures: usize) {
-        let _ = events;
+    /// Counts one committed sequencer batch: staged rows consumed, and those of them that could
+    /// not become events.
+    pub fn sequencer_batch(&self, rows: usize, failures: usize) {
         self.sequencer_batches.fetch_add(1, Relaxed);
         self.sequencer_rows.fetch_add(rows as u64, Relaxed);
         self.emit_errors.fetch_add(failures as u64, Relaxed);
@@ -245,11 +235,6 @@ impl Metrics {
     /// Counts one event that no terminal on any instance received.
     pub fn undelivered(&self, kind: &str) {
         self.undelivered[type_index(kind)].fetch_add(1, Relaxed);
-    }
-
-    /// Events counted by [`Metrics::undelivered`] so far, all types together.
-    pub fn undelivered_total(&self) -> u64 {
-        self.undelivered.iter().map(|n| n.load(Relaxed)).sum()
     }
 
     /// Records the time from an event's write to its hand-off to client queues.
@@ -506,5 +491,47 @@ impl Metrics {
         );
         let _ = writeln!(out, "{name}_count {count}");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter_in_declaration_order() {
+        for (i, r) in DisconnectReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, r) in RefusalReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, r) in RESYNC_REASONS.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        let m = Metrics::default();
+        for r in DisconnectReason::ALL {
+            m.disconnected(r);
+        }
+        m.disconnected(DisconnectReason::ServerError);
+        let text = m.render(&[]);
+        for r in DisconnectReason::ALL {
+            let want = if r == DisconnectReason::ServerError {
+                2
+            } else {
+                1
+            };
+            let line = format!(
+                "orderpush_disconnects_total{{reason=\"{}\"}} {want}",
+                r.label()
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_event_types_count_as_other() {
+        assert_eq!(KNOWN_TYPES[type_index("new_order")], "new_order");
+        assert_eq!(KNOWN_TYPES[type_index("chaos")], "other");
     }
 }

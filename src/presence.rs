@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::db::presence::{InstanceStats, STALE_AFTER};
-pub use flush::{FlushReport, QUERY_TIMEOUT, run};
+pub use crate::db::presence::{INSTANCE_STALE_AFTER, InstanceStats};
+pub use flush::{FlushReport, run};
 pub use identity::InstanceInfo;
 pub use registry::{Connection, Registration};
 
@@ -63,7 +63,7 @@ impl Presence {
     }
 
     /// Whether a terminal of `tenant` is connected to another live instance, as of the last
-    /// flush; `None` when that view is missing or older than [`STALE_AFTER`] (database trouble).
+    /// flush; `None` when that view is missing or older than [`INSTANCE_STALE_AFTER`] (database trouble).
     pub fn connected_elsewhere(&self, tenant: &str) -> Option<bool> {
         self.cluster.connected_elsewhere(tenant)
     }

@@ -13,24 +13,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::time::{MissedTickBehavior, sleep, timeout};
+use tokio::time::{MissedTickBehavior, sleep};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::db::{self, DbError, keys};
 use crate::hub::Hub;
 use key_cache::KeyCache;
 
 /// The watcher's `application_name`, to find its connection in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "orderpush-revocation";
-/// First reconnect delay: a killed backend is usually replaceable at once.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Reconnect delay cap: a restarting Postgres is retried every few seconds, no faster (and the
-/// 503's Retry-After says the same).
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Any watcher query slower than this means a dead or wedged connection: reconnect.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Key ids queued between the connection and the watcher. A bigger burst (a tenant with
 /// thousands of keys deleted) is handled by one full check instead of per id.
 const NOTIFICATION_QUEUE: usize = 1024;
@@ -58,7 +52,7 @@ pub struct Watched {
 /// connections drop notifications).
 pub async fn run(state: Watched, database: tokio_postgres::Config) {
     let config = db::with_defaults(&database, APPLICATION_NAME);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::database();
     loop {
         let mut reached_live = false;
         let result = tokio::select! {
@@ -68,13 +62,14 @@ pub async fn run(state: Watched, database: tokio_postgres::Config) {
         state.keys.watcher_lost();
         // A connection that went live worked: only consecutive failures back off further.
         if reached_live {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
         }
+        let delay = backoff.next_delay();
         match result {
             Ok(()) => return,
             Err(e) => warn!(
                 error = %e,
-                retry_in = ?backoff,
+                retry_in = ?delay,
                 "revocation watcher lost its database connection; reconnecting (meanwhile keys not \
                  verified in the last {}s are answered 503)",
                 key_cache::REVOCATION_FRESHNESS.as_secs()
@@ -82,9 +77,8 @@ pub async fn run(state: Watched, database: tokio_postgres::Config) {
         }
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            _ = sleep(backoff) => {}
+            _ = sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -127,9 +121,12 @@ async fn watch(
             }
         }
     }));
-    timeout(QUERY_TIMEOUT, db::listen(&client, keys::CHANGES_CHANNEL))
-        .await
-        .map_err(|_| DbError::Timeout)??;
+    // Any watcher query slower than db::QUERY_TIMEOUT means a dead or wedged connection.
+    db::with_timeout(
+        db::QUERY_TIMEOUT,
+        db::listen(&client, keys::CHANGES_CHANNEL),
+    )
+    .await?;
     // From here on every committed change is notified to this connection.
     let live_since = Instant::now();
     full_check(state, &client, live_since).await?;
@@ -178,10 +175,7 @@ async fn notified(
     ids.sort_unstable();
     ids.dedup();
     let started = Instant::now();
-    let result = timeout(QUERY_TIMEOUT, keys::tenants_of(client, &ids))
-        .await
-        .map_err(|_| DbError::Timeout)
-        .and_then(|r| r);
+    let result = db::with_timeout(db::QUERY_TIMEOUT, keys::tenants_of(client, &ids)).await;
     let states = match result {
         Ok(states) => states,
         Err(e) => {
@@ -208,16 +202,10 @@ async fn full_check(
     ids.dedup();
     let mut states = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(keys::STATE_QUERY_MAX_IDS) {
-        states.extend(
-            timeout(QUERY_TIMEOUT, keys::tenants_of(client, chunk))
-                .await
-                .map_err(|_| DbError::Timeout)??,
-        );
+        states.extend(db::with_timeout(db::QUERY_TIMEOUT, keys::tenants_of(client, chunk)).await?);
     }
     if ids.is_empty() {
-        timeout(QUERY_TIMEOUT, db::ping(client))
-            .await
-            .map_err(|_| DbError::Timeout)??;
+        db::with_timeout(db::QUERY_TIMEOUT, db::ping(client)).await?;
     }
     apply(state, &states, started, live_since, false);
     Ok(())

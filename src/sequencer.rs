@@ -17,11 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tokio::time::{MissedTickBehavior, sleep, timeout};
+use tokio::time::{MissedTickBehavior, sleep};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::db::sequencer::{
     Batch, CurrentOrder, NewEvent, NumberedOrder, STAGED_CHANNEL, SequencerQueries, StagedRow,
     TenantState,
@@ -34,14 +35,10 @@ use render::FieldMap;
 
 /// How often a standby retries the election: the takeover delay after a clean death.
 pub const ELECTION_RETRY: Duration = Duration::from_secs(1);
-/// First reconnect delay after a lost connection.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Reconnect delay cap: a restarting Postgres is retried every few seconds, no faster.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A sequencer query slower than this means a dead or wedged connection (the batch statement
 /// itself is bounded by the session's 30 s `statement_timeout`; this is the client's bound on
 /// waiting for any answer at all).
-const QUERY_TIMEOUT: Duration = Duration::from_secs(35);
+const SEQUENCER_QUERY_TIMEOUT: Duration = Duration::from_secs(35);
 /// Rows per batch at most: a backlog (the service was down while orders came in) is worked off
 /// in transactions of bounded size and time, each committed before the next is read.
 pub const MAX_BATCH_ROWS: i64 = 1_000;
@@ -122,7 +119,7 @@ impl Sequencer {
     /// Runs until `shutdown`: connect, stand by until elected, then number batches; on any
     /// failure let go of the connection (and with it the election), back off and start over.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::database();
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -130,19 +127,19 @@ impl Sequencer {
             };
             if self.health.leader.swap(false, Ordering::AcqRel) {
                 // A session that got elected worked: start again from the shortest delay.
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 info!("sequencer: stepped down");
             }
             self.metrics.sequencer_leader.store(0, Ordering::Relaxed);
+            let delay = backoff.next_delay();
             match result {
                 Ok(()) => return,
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "sequencer lost its connection"),
+                Err(e) => warn!(error = %e, retry_in = ?delay, "sequencer lost its connection"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = sleep(backoff) => {}
+                _ = sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -295,8 +292,7 @@ impl Sequencer {
         match with_timeout(queries.commit(client, &batch)).await {
             Ok(number) => {
                 self.health.batches.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .sequencer_batch(consumed, batch.events.len(), batch.failures.len());
+                self.metrics.sequencer_batch(consumed, batch.failures.len());
                 debug!(
                     batch = number,
                     rows = consumed,
@@ -332,7 +328,7 @@ impl Sequencer {
                     ..Batch::default()
                 };
                 with_timeout(queries.commit(client, &failed)).await?;
-                self.metrics.sequencer_batch(1, 0, 1);
+                self.metrics.sequencer_batch(1, 1);
                 Ok(1)
             }
             Err(e) => Err(e),
@@ -361,8 +357,7 @@ impl Sequencer {
         let batch = number(std::slice::from_ref(&p), &fresh, rules, orders, now);
         match with_timeout(queries.commit(client, &batch)).await {
             Ok(_) => {
-                self.metrics
-                    .sequencer_batch(1, batch.events.len(), batch.failures.len());
+                self.metrics.sequencer_batch(1, batch.failures.len());
                 Ok(1)
             }
             Err(DbError::Postgres(e)) if e.as_db_error().is_some() => {
@@ -377,7 +372,7 @@ impl Sequencer {
                     ..Batch::default()
                 };
                 with_timeout(queries.commit(client, &failed)).await?;
-                self.metrics.sequencer_batch(1, 0, 1);
+                self.metrics.sequencer_batch(1, 1);
                 Ok(1)
             }
             Err(e) => Err(e),
@@ -705,13 +700,11 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Any sequencer query, bounded by [`SEQUENCER_QUERY_TIMEOUT`].
 async fn with_timeout<T, E: Into<DbError>>(
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, DbError> {
-    match timeout(QUERY_TIMEOUT, f).await {
-        Ok(r) => r.map_err(Into::into),
-        Err(_) => Err(DbError::Timeout),
-    }
+    db::with_timeout(SEQUENCER_QUERY_TIMEOUT, f).await
 }
 
 #[cfg(test)]

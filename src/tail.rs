@@ -14,14 +14,15 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::db::{is_valid_tenant_slug, keys};
 use crate::http::ws::close_code;
 
 /// First wait before reconnecting; doubled after each failed attempt.
-pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+pub const TAIL_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// Longest wait between reconnection attempts: a tail left running through an outage is back
 /// within 10 s of the server's return, while a down server sees one attempt per 10 s per tail.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub const TAIL_RETRY_CAP: Duration = Duration::from_secs(10);
 /// A connection that stayed up this long (or delivered an event) was healthy: the next
 /// disconnect starts again from [`BACKOFF_FIRST`] rather than continuing to grow.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -29,7 +30,7 @@ pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// pings and slack) means the connection is dead even if TCP has not noticed.
 pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A TCP + WebSocket handshake that has not completed by then is retried.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Characters of an HTTP error body quoted in messages.
 const BODY_EXCERPT_CHARS: usize = 300;
 
@@ -196,7 +197,7 @@ pub async fn run(
     };
     endpoint(&options.url, &options.tenant, &query(None))?;
     let mut since = options.since;
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new(TAIL_RETRY_FIRST, TAIL_RETRY_CAP);
     loop {
         let url = endpoint(&options.url, &options.tenant, &query(since))?;
         let started = Instant::now();
@@ -216,21 +217,21 @@ pub async fn run(
             Ended::Retry(reason) => reason,
         };
         if delivered || started.elapsed() >= HEALTHY_AFTER {
-            backoff = BACKOFF_FIRST;
+            backoff.reset();
         }
+        let delay = backoff.next_delay();
         let resume = match since {
             Some(s) => format!("since={s}"),
             None => "live only (no event seen yet to resume from)".into(),
         };
         warn!(
             "{reason}; reconnecting in {} ms, {resume}",
-            backoff.as_millis()
+            delay.as_millis()
         );
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -252,11 +253,14 @@ async fn session(
         }
         Err(_) => return Ended::Fatal(TailError::Invalid("the key is not a valid header".into())),
     }
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request));
+    let connect = tokio::time::timeout(
+        TAIL_CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async(request),
+    );
     let mut ws = tokio::select! {
         _ = shutdown.cancelled() => return Ended::Shutdown,
         r = connect => match r {
-            Err(_) => return Ended::Retry(format!("no answer from {url} within {} s", CONNECT_TIMEOUT.as_secs())),
+            Err(_) => return Ended::Retry(format!("no answer from {url} within {} s", TAIL_CONNECT_TIMEOUT.as_secs())),
             Ok(Ok((ws, _))) => ws,
             Ok(Err(tungstenite::Error::Http(resp))) => return refused(options, resp.status().as_u16(), resp.body().as_deref()),
             Ok(Err(e)) => return Ended::Retry(format!("cannot connect to {url}: {e}")),

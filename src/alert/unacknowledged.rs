@@ -17,10 +17,8 @@ use crate::metrics::Metrics;
 /// a kitchen offline at rush hour) gives 50 lines a second at most; the rest follow at the next
 /// checks, oldest first, and the gauges count them all at once.
 pub const MAX_WARNINGS_PER_CHECK: i64 = 100;
-/// A claim slower than this is abandoned (and cancelled); the next check tries again.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// The log target of the warnings, which docs/operations.md names for log filters.
-const LOG_TARGET: &str = "orderpush::alert";
+const UNACKNOWLEDGED_LOG_TARGET: &str = "orderpush::alert";
 
 /// Claims and warns about overdue orders every `interval` until `shutdown`, on `db` (a share of
 /// the pool: one short statement, the connection returned before anything is logged).
@@ -38,7 +36,8 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let claim = db.run(CLAIM_TIMEOUT, async |c| {
+        // A claim slower than db::QUERY_TIMEOUT is cancelled; the next check tries again.
+        let claim = db.run(db::QUERY_TIMEOUT, async |c| {
             db::acks::claim_overdue(&***c, timeout.as_secs(), MAX_WARNINGS_PER_CHECK).await
         });
         let due = tokio::select! {
@@ -49,7 +48,7 @@ pub async fn run(
             Ok(due) => due,
             Err(e) => {
                 // Nothing is lost: the orders stay unclaimed until a check succeeds.
-                debug!(target: LOG_TARGET, error = %e, "could not look for unacknowledged orders");
+                debug!(target: UNACKNOWLEDGED_LOG_TARGET, error = %e, "could not look for unacknowledged orders");
                 continue;
             }
         };
@@ -62,13 +61,13 @@ pub async fn run(
             let timeout = order.timeout_seconds;
             if order.undelivered() {
                 warn!(
-                    target: LOG_TARGET, tenant = %order.tenant, id = order.event_id,
+                    target: UNACKNOWLEDGED_LOG_TARGET, tenant = %order.tenant, id = order.event_id,
                     "order {number} for tenant {} not acknowledged after {timeout} s (never delivered to a terminal)",
                     order.tenant
                 );
             } else {
                 warn!(
-                    target: LOG_TARGET, tenant = %order.tenant, id = order.event_id,
+                    target: UNACKNOWLEDGED_LOG_TARGET, tenant = %order.tenant, id = order.event_id,
                     "order {number} for tenant {} not acknowledged after {timeout} s",
                     order.tenant
                 );

@@ -10,6 +10,7 @@ use tokio_postgres::error::SqlState;
 use tracing::warn;
 
 use super::DbError;
+use crate::backoff::Backoff;
 
 mod embedded {
     #![allow(missing_docs)]
@@ -205,7 +206,7 @@ async fn apply_locked(
         .ok();
     let attempts = options.attempts.max(1);
     let mut applied = Vec::new();
-    let mut backoff = RETRY_BACKOFF_FIRST;
+    let mut backoff = Backoff::new(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX);
     for attempt in 1..=attempts {
         let mut blockers: Vec<Blocker> = Vec::new();
         let result = {
@@ -240,12 +241,12 @@ async fn apply_locked(
                 if attempt == attempts {
                     return Err(MigrateError::LockTimeout { attempts, detail });
                 }
+                let delay = backoff.next_delay();
                 warn!(
                     "{detail}; attempt {attempt} of {attempts} failed, retrying in {}s",
-                    backoff.as_secs()
+                    delay.as_secs()
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                tokio::time::sleep(delay).await;
             }
             Err(e) => return Err(MigrateError::Refinery(describe_error(&e))),
         }

@@ -2,7 +2,7 @@
 //! SQL statement of the service lives in this module tree.
 
 /// The live-instance rule, written once: the CTE `live`, the instances whose heartbeat is within
-/// `$1` seconds (every query that uses it binds [`presence::STALE_AFTER`] there). Used as
+/// `$1` seconds (every query that uses it binds [`presence::INSTANCE_STALE_AFTER`] there). Used as
 /// `concat!("WITH ", live_instances!(), " SELECT … FROM live …")`.
 macro_rules! live_instances {
     () => {
@@ -51,6 +51,24 @@ pub const WRITER_CONNECTIONS: usize = 1;
 pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection attempt that has not completed by then is a dead or unreachable server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a query of the service's own connections (listener, revocation watcher, presence,
+/// the admin share) may take: slower means a dead or wedged connection (or a database in
+/// trouble), and the caller reconnects or answers 503. Generous for the small statements they
+/// run, short enough that /readyz and the operators notice within seconds.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a database call for at most `limit`: a call that takes longer is abandoned and reported
+/// as [`DbError::Timeout`] (the caller drops or cancels the connection it ran on).
+pub async fn with_timeout<T, E: Into<DbError>>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, DbError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(DbError::Timeout),
+    }
+}
+
 /// TCP keepalive idle time: a half-open connection (e.g. after a failover) is noticed by the
 /// kernel in about a minute even when no query is running.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);

@@ -14,11 +14,11 @@ use super::DbError;
 /// An instance whose heartbeat is older than this is dead: its rows are ignored and deleted.
 /// Several missed heartbeats, so a busy database or a GC-like pause does not evict a live one.
 /// Every query that uses the live-instance rule (`live_instances!`) binds it as `$1`.
-pub const STALE_AFTER: Duration = Duration::from_secs(15);
+pub const INSTANCE_STALE_AFTER: Duration = Duration::from_secs(15);
 
-/// [`STALE_AFTER`] as the live-instance rule's `$1`.
+/// [`INSTANCE_STALE_AFTER`] as the live-instance rule's `$1`.
 pub(crate) fn stale_after_secs() -> f64 {
-    STALE_AFTER.as_secs_f64()
+    INSTANCE_STALE_AFTER.as_secs_f64()
 }
 
 /// Who an instance is, as its heartbeat row says.

@@ -3,7 +3,6 @@
 //! the database), behind the admin token; also the admin authorization used by `/status`.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -21,9 +20,7 @@ use crate::db::{self, DbError, is_valid_tenant_slug};
 pub const MAX_TENANTS: i64 = 10_000;
 /// Most connections one answer lists (per tenant, or on the status page in total): far more
 /// terminals than a restaurant has, and still a small answer.
-pub const MAX_CONNECTIONS: i64 = 1_000;
-/// Admin queries slower than this are answered 503 rather than holding a pooled connection.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_CONNECTIONS_LISTED: i64 = 1_000;
 
 /// Routes of this group.
 pub fn router() -> Router<AppState> {
@@ -105,7 +102,7 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Runs a query on the admin share of the pool (`db::ADMIN_CONNECTIONS`, so a flood of admin
-/// requests cannot take the connections logins need) within [`QUERY_TIMEOUT`]; a query that
+/// requests cannot take the connections logins need) within [`db::QUERY_TIMEOUT`]; a query that
 /// times out is cancelled and answered 503.
 pub async fn with_client<T, F>(state: &AppState, f: F) -> Result<T, Error>
 where
@@ -113,7 +110,7 @@ where
 {
     state
         .admin_db
-        .run(QUERY_TIMEOUT, f)
+        .run(db::QUERY_TIMEOUT, f)
         .await
         .map_err(Error::from)
 }
@@ -175,7 +172,8 @@ async fn tenant(
         let Some(t) = db::admin::tenant(&***c, &slug).await? else {
             return Ok(None);
         };
-        let connections = db::admin::connections(&***c, Some(&slug), MAX_CONNECTIONS).await?;
+        let connections =
+            db::admin::connections(&***c, Some(&slug), MAX_CONNECTIONS_LISTED).await?;
         let keys = db::admin::tenant_keys(&***c, &slug).await?;
         let overdue = db::acks::overdue(&***c, Some(&slug), ack_timeout, MAX_OVERDUE).await?;
         Ok(Some((t, connections, keys, overdue)))

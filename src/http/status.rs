@@ -26,9 +26,6 @@ use crate::db::{self, admin::ConnectionRow};
 const PAGE: &str = include_str!("status/index.html");
 /// The page's script.
 const SCRIPT: &str = include_str!("status/app.js");
-/// The background refresh of the `/metrics` database gauges gives up on a query after this (and
-/// cancels it): they are a few index lookups, so 5 s means a sick or locked database.
-pub const GAUGE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Database gauges older than this are left out of `/metrics` and
 /// `orderpush_scrape_database_ok` is 0: several refreshes in a row failed, and a stale value
 /// must not look current.
@@ -129,7 +126,8 @@ async fn data(
     let ack_timeout = state.tuning.ack_timeout.as_secs();
     let from_db = admin::with_client(&state, async |c| {
         let instances = db::admin::instances(&***c).await?;
-        let connections = db::admin::connections(&***c, None, admin::MAX_CONNECTIONS).await?;
+        let connections =
+            db::admin::connections(&***c, None, admin::MAX_CONNECTIONS_LISTED).await?;
         let (tenants, connections_total) = db::admin::counts(&***c).await?;
         let overdue = db::acks::overdue(&***c, None, ack_timeout, MAX_OVERDUE_SHOWN).await?;
         Ok((instances, connections, tenants, connections_total, overdue))
@@ -266,7 +264,7 @@ pub async fn refresh_gauges(state: AppState) {
             _ = tick.tick() => {}
         }
         let ack_timeout = state.tuning.ack_timeout.as_secs();
-        let read = state.admin_db.run(GAUGE_QUERY_TIMEOUT, async |c| {
+        let read = state.admin_db.run(db::QUERY_TIMEOUT, async |c| {
             let gauges = db::admin::gauges(&***c).await?;
             let overdue = db::acks::overdue_counts(&***c, ack_timeout).await?;
             Ok((gauges, overdue))

@@ -421,11 +421,6 @@ enum CatchUp {
     Resync(event::ResyncReason, i64, i64),
 }
 
-/// Why the task stopped before its socket did.
-enum Stop {
-    Ended(DisconnectReason),
-}
-
 /// One POS socket's task: its connection, what the POS sent so far, the two ways it can be told
 /// to stop, and its liveness watch.
 struct SocketTask<'a, S, K> {
@@ -462,7 +457,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn run(&mut self, start: Start) -> DisconnectReason {
         match self.catch_up_at_start(start).await {
             Ok(last) => self.conn.go_live(last),
-            Err(Stop::Ended(reason)) => return reason,
+            Err(reason) => return reason,
         }
         let state: &AppState = self.state;
         let tuning = &state.tuning;
@@ -472,7 +467,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
             // written out here until the socket takes no more.
             let blocked = match self.flush().await {
                 Ok(blocked) => blocked,
-                Err(Stop::Ended(reason)) => return reason,
+                Err(reason) => return reason,
             };
             if self.live.ping_due {
                 self.live.ping_due = false;
@@ -496,12 +491,12 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                     if r.is_err() {
                         return DisconnectReason::Client;
                     }
-                    if let Err(Stop::Ended(reason)) = self.read() {
+                    if let Err(reason) = self.read() {
                         return reason;
                     }
                 }
                 _ = &mut self.live.timer => {
-                    if let Err(Stop::Ended(reason)) = self.live.on_timer(tuning) {
+                    if let Err(reason) = self.live.on_timer(tuning) {
                         return reason;
                     }
                 }
@@ -513,7 +508,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     /// `resync_required`), then tells it so with `ready`. Returns its position: the last event
     /// id written or considered (`None` for a socket that joined without `since`, when this
     /// instance knows nothing of the tenant yet).
-    async fn catch_up_at_start(&mut self, start: Start) -> Result<Option<i64>, Stop> {
+    async fn catch_up_at_start(&mut self, start: Start) -> Result<Option<i64>, DisconnectReason> {
         let last = match (start.since, start.replay) {
             (None, _) if start.snapshot => Some(self.snapshot(None).await?),
             (None, _) => start.position,
@@ -567,7 +562,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn snapshot(
         &mut self,
         instead: Option<(event::ResyncReason, i64, i64)>,
-    ) -> Result<i64, Stop> {
+    ) -> Result<i64, DisconnectReason> {
         let tenant = Arc::clone(self.tenant);
         let tuning = &self.state.tuning;
         let (max_orders, max_bytes) = (tuning.snapshot_max_orders, tuning.snapshot_max_bytes);
@@ -621,7 +616,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     /// Writes what is queued until the socket takes no more; decides on the events the
     /// connection could not place (a hole before them, a rewind). Returns true when the socket
     /// is full and the rest waits for it to be writable.
-    async fn flush(&mut self) -> Result<bool, Stop> {
+    async fn flush(&mut self) -> Result<bool, DisconnectReason> {
         loop {
             let (outcome, written) = self.conn.flush();
             self.state
@@ -631,7 +626,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
             match outcome {
                 Flush::Idle => return Ok(false),
                 Flush::Blocked => return Ok(true),
-                Flush::Gone => return Err(Stop::Ended(DisconnectReason::Client)),
+                Flush::Gone => return Err(DisconnectReason::Client),
                 Flush::Decide { id, frame, rewind } => {
                     let last = self.conn.last_id();
                     if rewind {
@@ -669,13 +664,13 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     }
 
     /// Reads what the POS sent and acts on each complete message.
-    fn read(&mut self) -> Result<(), Stop> {
+    fn read(&mut self) -> Result<(), DisconnectReason> {
         let mut buf = [0u8; READ_CHUNK];
         match self.conn.try_read(&mut buf) {
-            Ok(0) => return Err(Stop::Ended(DisconnectReason::Client)),
+            Ok(0) => return Err(DisconnectReason::Client),
             Ok(n) => self.reader.feed(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(_) => return Err(Stop::Ended(DisconnectReason::Client)),
+            Err(_) => return Err(DisconnectReason::Client),
         }
         // Anything a POS sends proves it is alive.
         self.live.last_heard = Instant::now();
@@ -693,11 +688,11 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 Ok(Some(wire::Incoming::Close)) => {
                     // Answer it; the close handshake is then complete.
                     self.conn.close_with(wire::close_frame(1000, ""));
-                    return Err(Stop::Ended(DisconnectReason::Client));
+                    return Err(DisconnectReason::Client);
                 }
                 Err(e) => {
                     debug!(error = %e, "a POS broke the WebSocket protocol");
-                    return Err(Stop::Ended(DisconnectReason::ProtocolError));
+                    return Err(DisconnectReason::ProtocolError);
                 }
             }
         }
@@ -707,7 +702,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     /// decision), waiting for the socket to take it, but giving up as soon as the socket is
     /// kicked, the server shuts down or (once live) the peer's deadline passes: a stalled peer
     /// must not pin its task. The hub's drain watch sees a write that makes no progress.
-    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), Stop> {
+    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), DisconnectReason> {
         let mut written = 0;
         while written < frame.len() {
             match self.conn.write_some(&frame[written..]) {
@@ -716,19 +711,19 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(Stop::Ended(DisconnectReason::Client)),
+                Err(_) => return Err(DisconnectReason::Client),
             }
             loop {
                 tokio::select! {
                     biased;
                     r = self.conn.writable() => {
                         if r.is_err() {
-                            return Err(Stop::Ended(DisconnectReason::Client));
+                            return Err(DisconnectReason::Client);
                         }
                         break;
                     }
-                    _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.conn))),
-                    _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
+                    _ = &mut self.kicked => return Err(kick_reason(self.conn)),
+                    _ = &mut self.shutdown => return Err(DisconnectReason::Shutdown),
                     _ = &mut self.live.timer, if self.live.watching => {
                         self.live.on_timer(&self.state.tuning)?;
                     }
@@ -739,7 +734,12 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     }
 
     /// Writes one event frame from the task and records it (metrics, presence).
-    async fn write_event(&mut self, id: i64, frame: &Bytes, replayed: bool) -> Result<(), Stop> {
+    async fn write_event(
+        &mut self,
+        id: i64,
+        frame: &Bytes,
+        replayed: bool,
+    ) -> Result<(), DisconnectReason> {
         self.write_frame(frame).await?;
         self.conn.wrote(id);
         let metrics = &self.state.metrics;
@@ -751,7 +751,12 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     }
 
     /// A replayed event: written when the socket wants its type, else only its position moves.
-    async fn replay_event(&mut self, id: i64, kind: &str, frame: &Bytes) -> Result<(), Stop> {
+    async fn replay_event(
+        &mut self,
+        id: i64,
+        kind: &str,
+        frame: &Bytes,
+    ) -> Result<(), DisconnectReason> {
         if self.conn.wants(kind) {
             self.write_event(id, frame, true).await
         } else {
@@ -765,7 +770,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     /// the pool), which goes back to the pool before the page is written to the socket. When
     /// `since` cannot be honoured ([`resume_plan`]), or rows vanish under the replay (pruned
     /// meanwhile), sends `resync_required` instead and returns the tenant's latest id.
-    async fn catch_up(&mut self, since: i64) -> Result<CatchUp, Stop> {
+    async fn catch_up(&mut self, since: i64) -> Result<CatchUp, DisconnectReason> {
         let tenant = Arc::clone(self.tenant);
         let max_rows = self.state.tuning.max_replay_rows;
         let (head, first_page) = self
@@ -819,17 +824,17 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn read_log<T>(
         &mut self,
         work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, crate::db::DbError>,
-    ) -> Result<T, Stop> {
+    ) -> Result<T, DisconnectReason> {
         let read = self.state.replays.run(REPLAY_QUERY_TIMEOUT, work);
         let result = tokio::select! {
             biased;
-            _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
-            _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.conn))),
+            _ = &mut self.shutdown => return Err(DisconnectReason::Shutdown),
+            _ = &mut self.kicked => return Err(kick_reason(self.conn)),
             r = read => r,
         };
         result.map_err(|e| {
             tracing::warn!(error = %e, tenant = %self.tenant, "replay failed");
-            Stop::Ended(DisconnectReason::ServerError)
+            DisconnectReason::ServerError
         })
     }
 
@@ -838,15 +843,15 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn read_log_or_fail<T>(
         &mut self,
         work: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, crate::db::DbError>,
-    ) -> Result<Result<T, crate::db::DbError>, Stop> {
+    ) -> Result<Result<T, crate::db::DbError>, DisconnectReason> {
         let read = self
             .state
             .replays
             .run(REPLAY_QUERY_TIMEOUT, async |c| Ok(work(c).await));
         let result = tokio::select! {
             biased;
-            _ = &mut self.shutdown => return Err(Stop::Ended(DisconnectReason::Shutdown)),
-            _ = &mut self.kicked => return Err(Stop::Ended(kick_reason(self.conn))),
+            _ = &mut self.shutdown => return Err(DisconnectReason::Shutdown),
+            _ = &mut self.kicked => return Err(kick_reason(self.conn)),
             r = read => r,
         };
         match result {
@@ -856,7 +861,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
             }
             Ok(Err(e)) | Err(e) => {
                 tracing::warn!(error = %e, tenant = %self.tenant, "reading the log failed");
-                Err(Stop::Ended(DisconnectReason::ServerError))
+                Err(DisconnectReason::ServerError)
             }
         }
     }
@@ -868,7 +873,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
         reason: event::ResyncReason,
         since: i64,
         head: i64,
-    ) -> Result<i64, Stop> {
+    ) -> Result<i64, DisconnectReason> {
         let text = event::resync_required(self.tenant, reason, since, head);
         self.write_frame(&wire::text_frame(text.as_bytes())).await?;
         self.state.metrics.resync(reason);
@@ -894,10 +899,10 @@ impl Liveness<'_> {
 
     /// The timer fired: the peer's deadline has passed (drop it), or a ping is due (sent by the
     /// loop, not from inside a send), or the deadline moved since the timer was set (re-arm).
-    fn on_timer(&mut self, tuning: &Tuning) -> Result<(), Stop> {
+    fn on_timer(&mut self, tuning: &Tuning) -> Result<(), DisconnectReason> {
         let now = Instant::now();
         if now >= self.last_heard + tuning.pong_timeout {
-            return Err(Stop::Ended(DisconnectReason::PingTimeout));
+            return Err(DisconnectReason::PingTimeout);
         }
         if now >= self.next_ping {
             self.ping_due = true;

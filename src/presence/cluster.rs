@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::db::presence::STALE_AFTER;
+use crate::db::presence::INSTANCE_STALE_AFTER;
 
 #[derive(Debug, Default)]
 struct View {
@@ -32,10 +32,12 @@ impl ClusterView {
     }
 
     /// Whether a terminal of `tenant` is connected to another live instance; `None` when the
-    /// view is missing or older than [`STALE_AFTER`].
+    /// view is missing or older than [`INSTANCE_STALE_AFTER`].
     pub fn connected_elsewhere(&self, tenant: &str) -> Option<bool> {
         let view = self.lock();
-        let fresh = view.synced_at.is_some_and(|t| t.elapsed() < STALE_AFTER);
+        let fresh = view
+            .synced_at
+            .is_some_and(|t| t.elapsed() < INSTANCE_STALE_AFTER);
         fresh.then(|| view.elsewhere.contains(tenant))
     }
 
@@ -43,7 +45,9 @@ impl ClusterView {
     /// smallest id does; without a fresh view every instance does.
     pub fn is_reporter(&self, me: &str) -> bool {
         let view = self.lock();
-        let fresh = view.synced_at.is_some_and(|t| t.elapsed() < STALE_AFTER);
+        let fresh = view
+            .synced_at
+            .is_some_and(|t| t.elapsed() < INSTANCE_STALE_AFTER);
         !fresh
             || view
                 .instances

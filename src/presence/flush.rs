@@ -15,11 +15,8 @@ use crate::db::presence::{InstanceStats, Terminal};
 use crate::db::{self, DbError};
 use crate::metrics::Metrics;
 
-/// Any presence query slower than this is abandoned; the next flush rewrites everything.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The log target of presence's lines, wherever in the module they are written.
-const LOG_TARGET: &str = "orderpush::presence";
+const PRESENCE_LOG_TARGET: &str = "orderpush::presence";
 
 /// What one flush wrote, for tests and debug logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,12 +44,9 @@ impl Presence {
         // Taken out here, not in the timed part: a flush that times out is dropped mid-way,
         // and what closed connections received must survive it.
         let mut changes = self.registry.take_changes(false);
+        // Slower than db::QUERY_TIMEOUT: abandoned; the next flush rewrites everything.
         let result =
-            tokio::time::timeout(QUERY_TIMEOUT, self.write(client, stats, &mut changes)).await;
-        let result = match result {
-            Ok(r) => r,
-            Err(_) => Err(DbError::Timeout),
-        };
+            db::with_timeout(db::QUERY_TIMEOUT, self.write(client, stats, &mut changes)).await;
         if result.is_err() {
             self.need_full_resync();
             self.registry.keep_finished(changes.finished);
@@ -72,7 +66,7 @@ impl Presence {
         if inserted && !changes.full {
             // Our row was gone (expired by another instance after a long stall, or the database
             // failed over and the unlogged tables came back empty): rewrite everything.
-            warn!(target: LOG_TARGET, "presence: this instance's rows had disappeared; re-registering");
+            warn!(target: PRESENCE_LOG_TARGET, "presence: this instance's rows had disappeared; re-registering");
             let all = self.registry.take_changes(true);
             changes.full = true;
             changes.removed = all.removed;
@@ -94,7 +88,7 @@ impl Presence {
         tx.commit().await?;
         if expired > 0 {
             info!(
-                target: LOG_TARGET,
+                target: PRESENCE_LOG_TARGET,
                 expired,
                 "presence: removed instances whose heartbeat stopped"
             );
@@ -104,7 +98,7 @@ impl Presence {
             // story end. Escaped: an order number is the application's data.
             let number = order.order_number.as_deref().unwrap_or("?").escape_debug();
             info!(
-                target: LOG_TARGET,
+                target: PRESENCE_LOG_TARGET,
                 tenant = %order.tenant, id = order.event_id,
                 "order {number} for tenant {} acknowledged after {:.0} s",
                 order.tenant, order.waited_seconds
@@ -128,13 +122,10 @@ impl Presence {
     }
 
     /// Deletes this instance's rows (clean shutdown), so others stop counting its terminals at
-    /// once instead of after [`super::STALE_AFTER`].
+    /// once instead of after [`super::INSTANCE_STALE_AFTER`].
     pub async fn deregister(&self, client: &tokio_postgres::Client) -> Result<(), DbError> {
         let work = db::presence::deregister(client, &self.info.id);
-        match tokio::time::timeout(QUERY_TIMEOUT, work).await {
-            Ok(r) => r,
-            Err(_) => Err(DbError::Timeout),
-        }
+        db::with_timeout(db::QUERY_TIMEOUT, work).await
     }
 }
 
@@ -167,7 +158,7 @@ pub async fn run(
                 .presence_flush_failures
                 .fetch_add(1, Ordering::Relaxed);
             if !failing {
-                warn!(target: LOG_TARGET, "presence: cannot reach the database; retrying every {interval:?}");
+                warn!(target: PRESENCE_LOG_TARGET, "presence: cannot reach the database; retrying every {interval:?}");
                 failing = true;
             }
             continue;
@@ -175,17 +166,17 @@ pub async fn run(
         match presence.flush(c, &stats()).await {
             Ok(report) => {
                 if failing {
-                    info!(target: LOG_TARGET, "presence: writing heartbeats again");
+                    info!(target: PRESENCE_LOG_TARGET, "presence: writing heartbeats again");
                     failing = false;
                 }
-                debug!(target: LOG_TARGET, ?report, "presence flushed");
+                debug!(target: PRESENCE_LOG_TARGET, ?report, "presence flushed");
             }
             Err(e) => {
                 metrics
                     .presence_flush_failures
                     .fetch_add(1, Ordering::Relaxed);
                 if !failing {
-                    warn!(target: LOG_TARGET, error = %e, "presence: heartbeat failed; retrying every {interval:?}");
+                    warn!(target: PRESENCE_LOG_TARGET, error = %e, "presence: heartbeat failed; retrying every {interval:?}");
                     failing = true;
                 }
                 client = None;
@@ -194,7 +185,7 @@ pub async fn run(
     }
     if let Some(c) = client.as_ref() {
         if let Err(e) = presence.deregister(c).await {
-            debug!(target: LOG_TARGET, error = %e, "presence: could not deregister; the rows expire by themselves");
+            debug!(target: PRESENCE_LOG_TARGET, error = %e, "presence: could not deregister; the rows expire by themselves");
         }
     }
 }
