@@ -13,13 +13,13 @@ use serde::Serialize;
 use crate::event::{Event, iso};
 
 /// Events kept for the status page's "last events" list: a screenful, a few KB of memory.
-pub const RECENT_EVENTS: usize = 50;
+pub(crate) const RECENT_EVENTS: usize = 50;
 /// Events per second is averaged over this window: long enough to be steady for a person
 /// watching, short enough to show a burst within seconds.
-pub const RATE_WINDOW_SECS: u64 = 10;
+pub(crate) const RATE_WINDOW_SECS: u64 = 10;
 /// How long a tenant that received an event with no terminal connected stays flagged (red on
 /// the status page while it still has no terminal): long enough for a person to notice.
-pub const UNDELIVERED_WINDOW: Duration = Duration::from_secs(600);
+pub(crate) const UNDELIVERED_WINDOW: Duration = Duration::from_secs(600);
 /// Per-second buckets kept for the rate (one spare so the current, partial second is excluded).
 const RATE_BUCKETS: usize = RATE_WINDOW_SECS as usize + 2;
 
@@ -77,7 +77,7 @@ pub struct Activity {
 impl Activity {
     /// Records one event handed to the hub: `sent_here` sockets on this instance, and whether no
     /// terminal was connected anywhere.
-    pub fn record(&self, event: &Event, sent_here: usize, undelivered: bool) {
+    pub(crate) fn record(&self, event: &Event, sent_here: usize, undelivered: bool) {
         let now = SystemTime::now();
         let second = unix_secs(now);
         let mut inner = self.lock();

@@ -18,14 +18,14 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 
 /// At most one "no POS connected" warning per tenant per this interval.
-pub const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const UNDELIVERED_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The log target of these lines: the one they had while the listener wrote them, which log
 /// filters and docs/operations.md name.
 const DELIVERY_LOG_TARGET: &str = "orderpush::listener";
 
 /// Decides, per event, whether a terminal received it, and reports the ones none did.
-pub struct UndeliveredAlert {
+pub(crate) struct UndeliveredAlert {
     metrics: Arc<Metrics>,
     /// Where other instances' terminals are known; `None` = only this instance's sockets count.
     presence: Option<Arc<Presence>>,
@@ -56,7 +56,7 @@ impl UndeliveredAlert {
 
     /// Makes the alert cluster-wide (a terminal on another instance counts, and one instance
     /// reports) and records events for the status page.
-    pub fn cluster_wide(mut self, presence: Arc<Presence>, activity: Arc<Activity>) -> Self {
+    pub(crate) fn cluster_wide(mut self, presence: Arc<Presence>, activity: Arc<Activity>) -> Self {
         self.presence = Some(presence);
         self.activity = Some(activity);
         self
@@ -64,7 +64,7 @@ impl UndeliveredAlert {
 
     /// `event` was queued on `sent` sockets of this instance and disconnected `failed` others
     /// whose queues were full.
-    pub fn published(&mut self, event: &Event, sent: usize, failed: usize) {
+    pub(crate) fn published(&mut self, event: &Event, sent: usize, failed: usize) {
         let here = sent + failed;
         // Another instance's terminal counts as delivered; without a fresh presence view
         // (database trouble) only this instance's sockets can be known.

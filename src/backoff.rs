@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 /// First delay before reconnecting to Postgres: a killed backend is usually replaceable at once.
-pub const DATABASE_RETRY_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const DATABASE_RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest delay between reconnects to Postgres: a restarting database is retried every few
 /// seconds, no faster, and no slower either (a failover completes in seconds).
-pub const DATABASE_RETRY_CAP: Duration = Duration::from_secs(5);
+pub(crate) const DATABASE_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// The delays of one retry loop.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     first: Duration,
     cap: Duration,
     next: Duration,
@@ -35,15 +35,10 @@ impl Backoff {
     }
 
     /// The delay to wait before the next attempt; the one after it is twice as long (capped).
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (delay * 2).min(self.cap);
         delay
-    }
-
-    /// The delay [`Backoff::next_delay`] would return now, without using it (for logs).
-    pub fn peek(&self) -> Duration {
-        self.next
     }
 
     /// The last attempt got far enough (connected, elected, received): the next failure waits
@@ -63,7 +58,6 @@ mod tests {
         let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 500, 500]);
         b.reset();
-        assert_eq!(b.peek(), Duration::from_millis(100));
         assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }

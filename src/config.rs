@@ -9,15 +9,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Shortest `--broadcast-token` and `--admin-token` accepted: a shorter shared secret is
 /// guessable by brute force.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub(crate) const MIN_TOKEN_LEN: usize = 16;
 /// Where `serve` listens: every interface, on the port of the WebSocket server it replaces, so
 /// the web app's /broadcast calls need no change.
 pub const LISTEN: &str = "0.0.0.0:9011";
 /// How long events stay replayable (`serve --retention`, `prune --older-than`): a POS that was
 /// off for a night still resumes without a refetch.
-pub const RETENTION: &str = "24h";
+pub(crate) const RETENTION: &str = "24h";
 /// Where `tail` connects: a service on this machine.
-pub const TAIL_URL: &str = "ws://127.0.0.1:9011";
+pub(crate) const TAIL_URL: &str = "ws://127.0.0.1:9011";
 
 /// `orderpush`: pushes Postgres changes to POS terminals over WebSocket.
 #[derive(Debug, Parser)]
@@ -141,13 +141,13 @@ pub struct ServeArgs {
 
 /// How long a kitchen has to acknowledge an order (`serve --ack-timeout`): delivery platforms
 /// escalate an order a restaurant has not accepted within minutes; a minute leaves time to act.
-pub const ACK_TIMEOUT: &str = "60s";
+pub(crate) const ACK_TIMEOUT: &str = "60s";
 /// Longest `--ack-timeout` (and per-tenant `ack_timeout_seconds`, the table's CHECK): an order
 /// unacknowledged for a day is no longer news.
-pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(86_400);
+pub(crate) const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// How often each instance claims overdue orders to warn about: the alert fires at most this
 /// long after the timeout; acknowledgements reach the database every presence interval anyway.
-pub const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// `--ack-timeout`: a duration, or off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,10 +173,10 @@ fn parse_ack_timeout(s: &str) -> Result<AckTimeout, String> {
 
 /// Open orders a snapshot sends at most: a restaurant has tens open at once, a busy one a few
 /// hundred; a thousand bounds what a confused query (a status never closed) can send.
-pub const SNAPSHOT_MAX_ORDERS: usize = 1_000;
+pub(crate) const SNAPSHOT_MAX_ORDERS: usize = 1_000;
 /// Bytes a snapshot sends at most: a thousand typical orders (~1-4 KB each) fit; the bound
 /// keeps a snapshot of huge orders from being a replay of its own.
-pub const SNAPSHOT_MAX_BYTES: usize = 4 << 20;
+pub(crate) const SNAPSHOT_MAX_BYTES: usize = 4 << 20;
 /// Bounds of `--snapshot-max-bytes`: at least one maximal frame, so a snapshot can always send
 /// an order; at most 64 MiB, far beyond any real restaurant's open orders.
 const SNAPSHOT_BYTES_RANGE: std::ops::RangeInclusive<usize> = (1 << 20)..=(64 << 20);
@@ -212,7 +212,7 @@ pub struct MigrateArgs {
 
 /// Upper bound for `migrate --attempts`: beyond this a deploy would hang for minutes on a lock a
 /// human must release anyway.
-pub const MAX_MIGRATE_ATTEMPTS: u32 = 20;
+pub(crate) const MAX_MIGRATE_ATTEMPTS: u32 = 20;
 
 /// `orderpush migrate ...` subcommands.
 #[derive(Debug, Subcommand)]
@@ -364,7 +364,7 @@ fn parse_cap(s: &str) -> Result<usize, String> {
 }
 
 /// Parses a duration such as `90s`, `30m`, `24h` or `7d` (a whole number and one unit).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
@@ -438,20 +438,20 @@ pub struct Tuning {
 }
 
 /// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
-pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Contract §5: drop a connection that has not answered for 60 s.
-pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const PONG_TIMEOUT: Duration = Duration::from_secs(60);
 /// 1 MiB of unsent frames per client, as Centrifugo does: hours of a busy kitchen's normal
 /// traffic, yet 10k stalled clients cannot hold more than 10 GiB (and in practice far less).
-pub const CLIENT_QUEUE_BYTES: usize = 1 << 20;
+pub(crate) const CLIENT_QUEUE_BYTES: usize = 1 << 20;
 /// Frame-count bound alongside the byte bound, so tiny frames cannot pile up without limit.
-pub const CLIENT_QUEUE_FRAMES: usize = 4096;
+pub(crate) const CLIENT_QUEUE_FRAMES: usize = 4096;
 /// Key changes arrive by notification within milliseconds; this periodic check catches the ones
 /// that did not (the watcher reconnecting, a skipped notify) within the contract's 5 s, with slack
 /// for a slow query and the close handshake, and five of them fit in the 10 s freshness window.
-pub const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Retention is coarse (hours); deleting every 5 minutes keeps each batch small.
-pub const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+pub(crate) const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 /// A socket that has something to send (a queued frame or a write in progress) and completes no
 /// write for 30 s is closed with 1013, even if its queue never overflows: a peer that stopped
 /// reading with a large frame pending would otherwise hold its task, its write buffer and its
@@ -463,7 +463,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often an instance writes its heartbeat and its connections' changes: one transaction per
 /// instance per interval, however many frames flow. 2 s keeps the admin view and the
 /// undelivered alert at most a few seconds behind.
-pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const PRESENCE_INTERVAL: Duration = Duration::from_secs(2);
 /// Failed authentications (401 or 403 for bad credentials on `/ws/pos/...`, `/broadcast`,
 /// `/admin/...` and `/status...`) one address may make within a minute (`http::auth::AUTH_FAILURE_WINDOW`) before
 /// its further failures are answered 429 for the cooling-off period. Keys are 256-bit random,
@@ -475,7 +475,7 @@ pub const AUTH_FAILURE_LIMIT: u32 = 50;
 /// How long an address that hit the limit has its bad credentials answered 429 (with
 /// `Retry-After`): long enough to make scanning pointless, short enough that a till fixed by a
 /// human is not refused for long. Valid credentials are never refused by it.
-pub const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
+pub(crate) const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
 /// Longest replay a socket performs from the event log. A POS that is further behind gets
 /// `resync_required` (`replay_too_long`) and refetches over REST, which is cheaper for both
 /// sides than 100,000 frames (about 100 MB of typical orders) through one socket; days of a
@@ -495,13 +495,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// only holds a socket and a task. It matches the idle timeouts that proxies and load balancers
 /// default to (nginx, cloud load balancers: 60 s): set a proxy's upstream idle timeout below
 /// it, so the proxy closes first and never sends a request on a connection being closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// WebSocket connections one instance holds at most. The service is sized and benchmarked for
 /// 10,000 terminals at about 4 KiB each while idle (docs/benchmarks.md); 50,000 leaves room for
 /// a fleet failing over from other instances, yet bounds what a flood of connections with valid
 /// keys can take (≈ 200 MiB and 50,000 file descriptors) before the process itself suffers.
-pub const MAX_CONNECTIONS: usize = 50_000;
+pub(crate) const MAX_CONNECTIONS: usize = 50_000;
 
 /// WebSocket connections one API key may hold at once. A key belongs to one terminal
 /// (docs/protocol.md), which needs one socket; but a till that loses its network reconnects
@@ -509,25 +509,25 @@ pub const MAX_CONNECTIONS: usize = 50_000;
 /// and a flaky link can do that twice within that minute. 4 covers those reconnects (and an
 /// operator's `orderpush tail` with the same key), while a leaked key or a client stuck in a
 /// reconnect loop cannot open thousands.
-pub const MAX_CONNECTIONS_PER_KEY: usize = 4;
+pub(crate) const MAX_CONNECTIONS_PER_KEY: usize = 4;
 
 /// WebSocket connections one tenant may hold at once. The largest restaurant groups run a few
 /// hundred terminals; 2,000 is several times that, reconnect overlap included, while no single
 /// tenant (a misconfigured fleet, a set of leaked keys) can take more than 4 % of an instance's
 /// [`MAX_CONNECTIONS`] away from everyone else.
-pub const MAX_CONNECTIONS_PER_TENANT: usize = 2_000;
+pub(crate) const MAX_CONNECTIONS_PER_TENANT: usize = 2_000;
 
 /// How long one DDL statement may wait for a table lock. While `CREATE TRIGGER` waits for a
 /// lock on `orders`, every application write to `orders` queues behind it; 5 s is longer than
 /// any healthy web-app transaction yet short enough that a stalled till sees a blip, not an
 /// outage.
-pub const MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`MIGRATE_LOCK_TIMEOUT`] as `--lock-timeout` shows and parses it.
-pub const MIGRATE_LOCK_TIMEOUT_TEXT: &str = "5s";
+pub(crate) const MIGRATE_LOCK_TIMEOUT_TEXT: &str = "5s";
 /// Attempts before `migrate` gives up on a lock: five tries spread over about half a minute
 /// outlast an ordinary burst, and still fail a deploy quickly when a session holds a lock for
 /// good (an idle-in-transaction connection) and a human must step in.
-pub const MIGRATE_LOCK_ATTEMPTS: u32 = 5;
+pub(crate) const MIGRATE_LOCK_ATTEMPTS: u32 = 5;
 
 impl Default for Tuning {
     fn default() -> Self {

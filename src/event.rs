@@ -5,7 +5,7 @@ mod fit;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use fit::TooLarge;
+pub(crate) use fit::TooLarge;
 
 /// Largest frame a POS is ever sent (the envelope included). Events rendered larger are
 /// shortened once, where they are stored, and marked `"truncated": true` (docs/protocol.md), so
@@ -14,11 +14,11 @@ pub use fit::TooLarge;
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// Longest event type name (docs/protocol.md).
-pub const MAX_TYPE_LEN: usize = 64;
+pub(crate) const MAX_TYPE_LEN: usize = 64;
 
 /// An event type name: 1..64 letters, digits, `_`, `.` or `-` (what `/broadcast` accepts, and
 /// what a socket may ask for with `?types=`).
-pub fn is_valid_type(s: &str) -> bool {
+pub(crate) fn is_valid_type(s: &str) -> bool {
     (1..=MAX_TYPE_LEN).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
@@ -43,7 +43,7 @@ pub fn snapshot_end(tenant: &str, id: i64, complete: bool) -> String {
 }
 /// The type of the marker event (id 0) that starts a tenant's log over, written by the
 /// sequencer when a tenant is deleted and created again under its slug. Never sent to a POS.
-pub const TENANT_RESET: &str = "orderpush.tenant_reset";
+pub(crate) const TENANT_RESET: &str = "orderpush.tenant_reset";
 
 /// Why a POS is told to refetch its state (`resync_required`'s `data.reason`, docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ impl Origin {
     }
 
     /// Parses the stored value; anything unknown counts as a database event.
-    pub fn from_db(s: &str) -> Self {
+    pub(crate) fn from_db(s: &str) -> Self {
         if s == "broadcast" {
             Origin::Broadcast
         } else {
@@ -149,7 +149,7 @@ impl Event {
 
     /// Renders the frame: `{"type","tenant","timestamp","data","id"}` (contract §3). `data` is
     /// spliced in as stored, so money, key order and nesting reach the POS as written.
-    pub fn to_frame(&self) -> String {
+    pub(crate) fn to_frame(&self) -> String {
         envelope(
             &self.kind,
             &self.tenant,
@@ -164,7 +164,7 @@ impl Event {
 /// `data` as it may be stored: unchanged when its frame fits [`MAX_FRAME_BYTES`], else shortened
 /// with every key kept (the bool says it was). Done once, where the event is stored, so every
 /// instance and every replay sends the same bytes.
-pub fn fit_data(
+pub(crate) fn fit_data(
     kind: &str,
     tenant: &str,
     timestamp: &str,
@@ -227,18 +227,18 @@ fn push_json_str(out: &mut String, s: &str) {
 }
 
 /// The current time as ISO 8601 UTC with milliseconds and `Z`, like the seed's timestamps.
-pub fn iso_now() -> String {
+pub(crate) fn iso_now() -> String {
     iso(SystemTime::now())
 }
 
 /// Formats a time as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
-pub fn iso(t: SystemTime) -> String {
+pub(crate) fn iso(t: SystemTime) -> String {
     let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     iso_from_unix(since_epoch.as_secs() as i64, since_epoch.subsec_millis())
 }
 
 /// Formats seconds since 1970 (negative before) and milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn iso_from_unix(secs: i64, millis: u32) -> String {
+pub(crate) fn iso_from_unix(secs: i64, millis: u32) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     format!(
@@ -251,14 +251,14 @@ pub fn iso_from_unix(secs: i64, millis: u32) -> String {
 }
 
 /// [`iso_from_unix`] for fractional seconds, as Postgres's `extract(epoch …)` gives them.
-pub fn iso_from_unix_f64(secs: f64) -> String {
+pub(crate) fn iso_from_unix_f64(secs: f64) -> String {
     let whole = secs.floor();
     let millis = ((secs - whole) * 1000.0).floor() as u32;
     iso_from_unix(whole as i64, millis)
 }
 
 /// A proleptic Gregorian date to days since 1970-01-01 (Howard Hinnant's algorithm).
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+pub(crate) fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);

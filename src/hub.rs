@@ -60,7 +60,7 @@ impl Frame {
 }
 
 /// Why the hub (or the revocation check) ended a subscription.
-pub type KickReason = Kick;
+pub(crate) type KickReason = Kick;
 
 #[derive(Debug)]
 struct Client {
@@ -96,7 +96,7 @@ impl DrainWatch {
 
 /// How often the drain watch looks at every socket ([`watch_drains`]): the drain timeout is
 /// enforced to within two of these, for a few microseconds of locking per thousand sockets.
-pub const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Recent frames kept per tenant for resuming from memory. 64 frames is minutes of a busy
 /// kitchen's traffic, which covers a reconnect after a network blip or a restart.
@@ -105,11 +105,11 @@ pub const RECENT_FRAMES: usize = 64;
 /// burst of very large events shortens the history instead of growing memory, and a frame
 /// larger than the cap is not kept at all (resumes across it read the log). Worst case the hub
 /// holds `tenants × 64 KiB`.
-pub const RECENT_BYTES: usize = 64 * 1024;
+pub(crate) const RECENT_BYTES: usize = 64 * 1024;
 /// Sockets below which a tenant's event is fanned out on the listener's own thread: splitting
 /// a few hundred non-blocking writes over the workers costs more in task hand-offs than it
 /// saves.
-pub const PARALLEL_FANOUT_MIN: usize = 512;
+pub(crate) const PARALLEL_FANOUT_MIN: usize = 512;
 
 #[derive(Debug, Default)]
 struct Tenant {
@@ -192,7 +192,7 @@ impl Tenant {
 
 /// What a new socket learns when it joins: how to catch up, and the tenant's position then.
 #[derive(Debug)]
-pub struct Joined {
+pub(crate) struct Joined {
     /// The socket's registration.
     pub sub: Subscription,
     /// How it catches up to its `since`.
@@ -204,7 +204,7 @@ pub struct Joined {
 
 /// How a new socket catches up to `since`.
 #[derive(Debug)]
-pub enum Replay {
+pub(crate) enum Replay {
     /// These frames (possibly none), in order, bring it up to date; live frames follow.
     Frames(Vec<Frame>),
     /// Memory does not reach back far enough: replay from the event log.
@@ -247,13 +247,15 @@ pub struct Hub {
 
 /// A socket's registration in the hub. Dropping it unregisters the socket.
 #[derive(Debug)]
-pub struct Subscription {
+pub(crate) struct Subscription {
+    #[cfg(test)]
     conn: Arc<Conn>,
     hub: Arc<Hub>,
     tenant: Arc<str>,
     client: u64,
 }
 
+#[cfg(test)]
 impl Subscription {
     /// The connection the hub writes to.
     pub fn conn(&self) -> &Arc<Conn> {
@@ -293,7 +295,7 @@ impl Hub {
     /// replay and what is offered to the connection. `tenant_since` is when the tenant was
     /// created: frames written before it (by an earlier tenant under the same slug) are never
     /// served from memory.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         self: &Arc<Self>,
         tenant: &Arc<str>,
         key_id: &str,
@@ -316,6 +318,7 @@ impl Hub {
             (t.replay_after(since, retained.max(tenant_since)), t.last_id)
         };
         let sub = Subscription {
+            #[cfg(test)]
             conn,
             hub: Arc::clone(self),
             tenant: Arc::clone(tenant),
@@ -349,7 +352,7 @@ impl Hub {
     /// The log went backwards to `to_id` for this tenant (a restore, or the tenant created again
     /// under its slug): forget its recent frames and tell every socket of it to resync from
     /// `to_id`, the lower id it adopts.
-    pub fn rewind(&self, tenant: &str, to_id: i64) {
+    pub(crate) fn rewind(&self, tenant: &str, to_id: i64) {
         let state = Arc::clone(lock(&self.tenants).entry(Arc::from(tenant)).or_default());
         let mut t = lock(&state);
         let previous = t.last_id.unwrap_or(to_id);
@@ -396,7 +399,7 @@ impl Hub {
     /// cannot take it (its queue is full) is kicked as a slow consumer instead of being waited
     /// for. Returns once every socket has been offered the frame, so the next event of the
     /// tenant is offered after it, to every socket.
-    pub async fn publish(&self, tenant: &str, frame: &Frame) -> Delivery {
+    pub(crate) async fn publish(&self, tenant: &str, frame: &Frame) -> Delivery {
         let state = {
             let mut map = lock(&self.tenants);
             match map.get(tenant) {
@@ -424,7 +427,7 @@ impl Hub {
     }
 
     /// Ids of the keys behind the connected sockets (deduplicated).
-    pub fn connected_key_ids(&self) -> Vec<String> {
+    pub(crate) fn connected_key_ids(&self) -> Vec<String> {
         let map = lock(&self.tenants);
         let mut ids: Vec<String> = map
             .values()
@@ -444,7 +447,7 @@ impl Hub {
     /// Kicks, with [`Kick::KeyRevoked`], every socket whose key is in `tenant_of` and whose
     /// tenant is not the one that key may read now (`None`: revoked or deleted, so all of its
     /// sockets). One pass over all sockets, whatever the number of keys. Returns how many.
-    pub fn kick_keys_off_tenant(&self, tenant_of: &HashMap<&str, Option<&str>>) -> usize {
+    pub(crate) fn kick_keys_off_tenant(&self, tenant_of: &HashMap<&str, Option<&str>>) -> usize {
         if tenant_of.is_empty() {
             return 0;
         }
@@ -472,7 +475,7 @@ impl Hub {
     /// would not take) and completed no write for `timeout`, as seen by successive calls (one
     /// per [`DRAIN_CHECK_INTERVAL`]); returns how many. A peer that stopped reading with a
     /// large frame pending is cut this way even though its queue never overflows.
-    pub fn check_drains(&self, now: Instant, timeout: Duration) -> usize {
+    pub(crate) fn check_drains(&self, now: Instant, timeout: Duration) -> usize {
         // Not holding the map lock while looking: subscribing and publishing go on meanwhile.
         let tenants: Vec<Arc<Mutex<Tenant>>> = lock(&self.tenants).values().cloned().collect();
         let mut kicked = 0;
@@ -501,7 +504,7 @@ impl Hub {
     }
 
     /// Sockets of one tenant on this instance.
-    pub fn tenant_connections(&self, tenant: &str) -> usize {
+    pub(crate) fn tenant_connections(&self, tenant: &str) -> usize {
         lock(&self.tenants)
             .get(tenant)
             .map_or(0, |t| lock(t).clients.len())
@@ -563,7 +566,7 @@ async fn fan_out_in_parallel(
 
 /// Runs [`Hub::check_drains`] every [`DRAIN_CHECK_INTERVAL`] (or a quarter of a shortened
 /// `timeout`) until `shutdown`.
-pub async fn watch_drains(hub: Arc<Hub>, timeout: Duration, shutdown: CancellationToken) {
+pub(crate) async fn watch_drains(hub: Arc<Hub>, timeout: Duration, shutdown: CancellationToken) {
     let every = DRAIN_CHECK_INTERVAL
         .min(timeout / 4)
         .max(Duration::from_millis(10));

@@ -36,9 +36,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const MODE_RECHECK: Duration = Duration::from_secs(2);
 /// /readyz turns 503 when the listener has not completed a read for this long (docs/protocol.md:
 /// noticed within 10 s).
-pub const LISTENER_STALE_AFTER: Duration = Duration::from_secs(8);
+pub(crate) const LISTENER_STALE_AFTER: Duration = Duration::from_secs(8);
 /// /readyz turns 503 when a staged row has waited this long: no sequencer is numbering.
-pub const SEQUENCER_STALL: Duration = Duration::from_secs(10);
+pub(crate) const SEQUENCER_STALL: Duration = Duration::from_secs(10);
 
 /// The listener's state as /readyz and the status page see it.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ impl Default for ListenerHealth {
 impl ListenerHealth {
     /// True when connected, a read completed within [`LISTENER_STALE_AFTER`], and staged rows are being
     /// numbered.
-    pub fn is_following(&self) -> bool {
+    pub(crate) fn is_following(&self) -> bool {
         let last = self.last_read_ms.load(Ordering::Acquire);
         self.connected.load(Ordering::Acquire)
             && last > 0
@@ -78,7 +78,7 @@ impl ListenerHealth {
 
     /// True when a staged row has waited longer than [`SEQUENCER_STALL`]: no instance is
     /// numbering events (none elected, or the elected one is stuck).
-    pub fn sequencer_stalled(&self) -> bool {
+    pub(crate) fn sequencer_stalled(&self) -> bool {
         self.sequencer_stalled.load(Ordering::Acquire)
     }
 
@@ -89,7 +89,7 @@ impl ListenerHealth {
 
     /// Time since the listener's last completed read (its lag behind the log, at most one poll
     /// interval while healthy); `None` before the first read.
-    pub fn last_read_age(&self) -> Option<Duration> {
+    pub(crate) fn last_read_age(&self) -> Option<Duration> {
         let last = self.last_read_ms.load(Ordering::Acquire);
         (last > 0).then(|| {
             Duration::from_millis((self.started.elapsed().as_millis() as u64).saturating_sub(last))
@@ -128,7 +128,7 @@ impl NumberedWaiters {
     /// Waits for staged row `gid`: the receiver gets its event id. Register before the row is
     /// committed, so the answer cannot pass by unseen. Bounded by the requests in flight (the
     /// /broadcast writer's queue); [`NumberedWaiters::forget`] removes abandoned ones.
-    pub fn register(&self, gid: i64) -> oneshot::Receiver<i64> {
+    pub(crate) fn register(&self, gid: i64) -> oneshot::Receiver<i64> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
         if let Some(&(_, id)) = inner.recent.iter().find(|(g, _)| *g == gid) {
@@ -234,7 +234,7 @@ impl Listener {
 
     /// Replaces the default alert (this instance's sockets only, no status-page record), e.g.
     /// with a cluster-wide one ([`UndeliveredAlert::cluster_wide`]).
-    pub fn with_alert(mut self, alert: UndeliveredAlert) -> Self {
+    pub(crate) fn with_alert(mut self, alert: UndeliveredAlert) -> Self {
         self.alert = alert;
         self
     }

@@ -57,7 +57,7 @@ impl DisconnectReason {
 
 /// Which cap refused a WebSocket upgrade; a label of `orderpush_connections_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalReason {
+pub(crate) enum RefusalReason {
     /// The instance holds its maximum of connections.
     Total,
     /// The API key holds its maximum of connections.
@@ -200,12 +200,12 @@ impl Metrics {
     }
 
     /// Sockets closed for this reason so far.
-    pub fn disconnect_count(&self, reason: DisconnectReason) -> f64 {
+    pub(crate) fn disconnect_count(&self, reason: DisconnectReason) -> f64 {
         self.disconnects[reason as usize].load(Relaxed) as f64
     }
 
     /// Counts one WebSocket upgrade refused (503) because a connection cap was reached.
-    pub fn connection_refused(&self, reason: RefusalReason) {
+    pub(crate) fn connection_refused(&self, reason: RefusalReason) {
         self.connections_refused[reason as usize].fetch_add(1, Relaxed);
     }
 
@@ -215,7 +215,7 @@ impl Metrics {
     }
 
     /// Counts one event read from the log, by origin and type.
-    pub fn event_received(&self, origin: crate::event::Origin, kind: &str) {
+    pub(crate) fn event_received(&self, origin: crate::event::Origin, kind: &str) {
         let i = type_index(kind);
         match origin {
             crate::event::Origin::Db => &self.events_db[i],
@@ -226,7 +226,7 @@ impl Metrics {
 
     /// Counts one committed sequencer batch: staged rows consumed, and those of them that could
     /// not become events.
-    pub fn sequencer_batch(&self, rows: usize, failures: usize) {
+    pub(crate) fn sequencer_batch(&self, rows: usize, failures: usize) {
         self.sequencer_batches.fetch_add(1, Relaxed);
         self.sequencer_rows.fetch_add(rows as u64, Relaxed);
         self.emit_errors.fetch_add(failures as u64, Relaxed);
@@ -238,7 +238,7 @@ impl Metrics {
     }
 
     /// Records the time from an event's write to its hand-off to client queues.
-    pub fn observe_lag(&self, lag: Duration) {
+    pub(crate) fn observe_lag(&self, lag: Duration) {
         let secs = lag.as_secs_f64();
         for (bound, bucket) in LAG_BUCKETS.iter().zip(&self.lag_buckets) {
             if secs <= *bound {
@@ -253,7 +253,7 @@ impl Metrics {
     }
 
     /// The commit-to-send lag of the last event the listener handed to the hub, if any.
-    pub fn last_lag(&self) -> Option<Duration> {
+    pub(crate) fn last_lag(&self) -> Option<Duration> {
         match self.last_lag_micros_plus_one.load(Relaxed) {
             0 => None,
             n => Some(Duration::from_micros(n - 1)),

@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::db::presence::{INSTANCE_STALE_AFTER, InstanceStats};
-pub use flush::{FlushReport, run};
-pub use identity::InstanceInfo;
-pub use registry::{Connection, Registration};
+pub(crate) use crate::db::presence::InstanceStats;
+pub(crate) use flush::run;
+pub(crate) use identity::InstanceInfo;
+pub(crate) use registry::Registration;
 
 use cluster::ClusterView;
 use registry::Registry;
@@ -52,7 +52,7 @@ impl Presence {
     }
 
     /// Registers a connected terminal (`since`: the id it resumed from, if any).
-    pub fn register(
+    pub(crate) fn register(
         &self,
         tenant: &Arc<str>,
         key_id: &str,
@@ -64,35 +64,30 @@ impl Presence {
 
     /// Whether a terminal of `tenant` is connected to another live instance, as of the last
     /// flush; `None` when that view is missing or older than [`INSTANCE_STALE_AFTER`] (database trouble).
-    pub fn connected_elsewhere(&self, tenant: &str) -> Option<bool> {
+    pub(crate) fn connected_elsewhere(&self, tenant: &str) -> Option<bool> {
         self.cluster.connected_elsewhere(tenant)
     }
 
     /// Whether this instance reports cluster-wide conditions (the undelivered alert and its
     /// metric), so that N instances do not report one event N times: the live instance with the
     /// smallest id does. Without a fresh view every instance reports for itself.
-    pub fn is_reporter(&self) -> bool {
+    pub(crate) fn is_reporter(&self) -> bool {
         self.cluster.is_reporter(&self.info.id)
     }
 
     /// Time since the last successful flush (a round trip to the database on presence's own
     /// connection); `None` before the first.
-    pub fn last_flush_age(&self) -> Option<Duration> {
+    pub(crate) fn last_flush_age(&self) -> Option<Duration> {
         self.cluster.last_sync_age()
     }
 
     /// Live instances seen at the last flush (0 before the first).
-    pub fn live_instances(&self) -> usize {
+    pub(crate) fn live_instances(&self) -> usize {
         self.cluster.live_instances()
     }
 
-    /// Connections open on this instance.
-    pub fn local_connections(&self) -> usize {
-        self.registry.len()
-    }
-
     /// The database may no longer match memory: the next flush rewrites every row.
-    pub fn need_full_resync(&self) {
+    pub(crate) fn need_full_resync(&self) {
         self.registry.need_full_resync();
     }
 }

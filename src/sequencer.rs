@@ -34,17 +34,17 @@ use crate::metrics::Metrics;
 use render::FieldMap;
 
 /// How often a standby retries the election: the takeover delay after a clean death.
-pub const ELECTION_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const ELECTION_RETRY: Duration = Duration::from_secs(1);
 /// A sequencer query slower than this means a dead or wedged connection (the batch statement
 /// itself is bounded by the session's 30 s `statement_timeout`; this is the client's bound on
 /// waiting for any answer at all).
 const SEQUENCER_QUERY_TIMEOUT: Duration = Duration::from_secs(35);
 /// Rows per batch at most: a backlog (the service was down while orders came in) is worked off
 /// in transactions of bounded size and time, each committed before the next is read.
-pub const MAX_BATCH_ROWS: i64 = 1_000;
+pub(crate) const MAX_BATCH_ROWS: i64 = 1_000;
 /// Bytes of staged rows per batch at most (beyond the first row, which is always taken): 1,000
 /// rows of 700 KB notes would otherwise be 700 MB in one statement.
-pub const MAX_BATCH_BYTES: i64 = 16 << 20;
+pub(crate) const MAX_BATCH_BYTES: i64 = 16 << 20;
 /// In `gated` mode, a second read this long after each productive batch picks up the
 /// concurrent commits that skipped their own NOTIFY (they commit within a WAL flush of the one
 /// that notified); reads continue while they keep finding rows.
@@ -63,25 +63,18 @@ const VACUUM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The sequencer's state, for the status page and the metrics.
 #[derive(Debug, Default)]
-pub struct SequencerHealth {
+pub(crate) struct SequencerHealth {
     leader: AtomicBool,
     /// Batches this instance committed.
     pub batches: AtomicU64,
 }
 
-impl SequencerHealth {
-    /// True while this instance is the elected sequencer.
-    pub fn is_leader(&self) -> bool {
-        self.leader.load(Ordering::Acquire)
-    }
-}
-
 /// The wake-up mode as last read from the database (the listener reads it), `None` before the
 /// first read.
-pub type ModeSource = Box<dyn Fn() -> Option<WakeupMode> + Send + Sync>;
+pub(crate) type ModeSource = Box<dyn Fn() -> Option<WakeupMode> + Send + Sync>;
 
 /// Numbers staged rows while elected.
-pub struct Sequencer {
+pub(crate) struct Sequencer {
     config: tokio_postgres::Config,
     metrics: Arc<Metrics>,
     health: Arc<SequencerHealth>,

@@ -29,7 +29,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How far back the hub's resume history is loaded at start-up: a POS that was away longer
 /// than this (or whose tenant is quiet) replays from the database instead.
-pub const PRELOAD_WINDOW: Duration = Duration::from_secs(15 * 60);
+pub(crate) const PRELOAD_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// Pending connections the kernel queues for `accept`. mio's default (128) overflows when a
 /// fleet of terminals reconnects at once (each dropped SYN costs the client a ~1 s retransmit);

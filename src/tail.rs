@@ -19,18 +19,18 @@ use crate::db::{is_valid_tenant_slug, keys};
 use crate::http::ws::close_code;
 
 /// First wait before reconnecting; doubled after each failed attempt.
-pub const TAIL_RETRY_FIRST: Duration = Duration::from_millis(250);
+pub(crate) const TAIL_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// Longest wait between reconnection attempts: a tail left running through an outage is back
 /// within 10 s of the server's return, while a down server sees one attempt per 10 s per tail.
-pub const TAIL_RETRY_CAP: Duration = Duration::from_secs(10);
+pub(crate) const TAIL_RETRY_CAP: Duration = Duration::from_secs(10);
 /// A connection that stayed up this long (or delivered an event) was healthy: the next
 /// disconnect starts again from [`BACKOFF_FIRST`] rather than continuing to grow.
-pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// The server pings at least every 30 s (contract §5); hearing nothing for 75 s (two missed
 /// pings and slack) means the connection is dead even if TCP has not noticed.
-pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(75);
+pub(crate) const SILENCE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A TCP + WebSocket handshake that has not completed by then is retried.
-pub const TAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Characters of an HTTP error body quoted in messages.
 const BODY_EXCERPT_CHARS: usize = 300;
 
@@ -365,7 +365,7 @@ fn refused(options: &Options, status: u16, body: Option<&[u8]>) -> Ended {
 }
 
 /// What a close code from orderpush means, for the log line.
-pub fn close_meaning(code: u16) -> &'static str {
+pub(crate) fn close_meaning(code: u16) -> &'static str {
     match code {
         close_code::GOING_AWAY => "server shutting down",
         close_code::POLICY => "API key revoked",

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 /// Orders warned about per check at most: a flood (a tenant whose terminals never acknowledge,
 /// a kitchen offline at rush hour) gives 50 lines a second at most; the rest follow at the next
 /// checks, oldest first, and the gauges count them all at once.
-pub const MAX_WARNINGS_PER_CHECK: i64 = 100;
+pub(crate) const MAX_WARNINGS_PER_CHECK: i64 = 100;
 /// The log target of the warnings, which docs/operations.md names for log filters.
 const UNACKNOWLEDGED_LOG_TARGET: &str = "orderpush::alert";
 

@@ -36,7 +36,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
 }
 
 /// `keys list` as a text table for people.
-pub fn render_list(keys: &[KeyInfo]) -> String {
+pub(crate) fn render_list(keys: &[KeyInfo]) -> String {
     let mut s = format!(
         "{:<14} {:<24} {:<24} {:<26} REVOKED\n",
         "ID", "TENANT", "LABEL", "CREATED"

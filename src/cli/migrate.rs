@@ -52,7 +52,7 @@ pub async fn run(args: MigrateArgs) -> Result<(), CliError> {
 }
 
 /// `migrate status` as a text table for people.
-pub fn render_status(statuses: &[MigrationStatus]) -> String {
+pub(crate) fn render_status(statuses: &[MigrationStatus]) -> String {
     let mut s = format!(
         "{:<8} {:<32} {:<10} {:<34} CHECKSUM\n",
         "VERSION", "NAME", "STATE", "APPLIED ON"

@@ -37,7 +37,7 @@ pub struct Progress<'a> {
 
 /// An order that was warned about and has now been acknowledged.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AckedLate {
+pub(crate) struct AckedLate {
     /// Its tenant.
     pub tenant: String,
     /// Its number.
@@ -56,7 +56,7 @@ pub struct AckedLate {
 ///
 /// Rows are locked in (tenant, event id) order, the order every writer of these rows takes, so
 /// instances recording for one tenant at once wait for each other instead of deadlocking.
-pub async fn record(
+pub(crate) async fn record(
     client: &impl GenericClient,
     progress: &[Progress<'_>],
 ) -> Result<Vec<AckedLate>, DbError> {
@@ -161,7 +161,7 @@ fn overdue_row(r: &tokio_postgres::Row) -> Overdue {
 /// caller warns about each. Every instance may run it; an order is claimed once (rows another
 /// instance is claiming are skipped, not waited for). `default_timeout` is `--ack-timeout` in
 /// seconds (0 = off).
-pub async fn claim_overdue(
+pub(crate) async fn claim_overdue(
     client: &impl GenericClient,
     default_timeout: i32,
     limit: i64,
@@ -218,7 +218,7 @@ pub async fn overdue(
 }
 
 /// How many orders are overdue, cluster-wide: (never delivered, delivered but not acknowledged).
-pub async fn overdue_counts(
+pub(crate) async fn overdue_counts(
     client: &impl GenericClient,
     default_timeout: i32,
 ) -> Result<(i64, i64), DbError> {

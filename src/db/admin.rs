@@ -90,7 +90,7 @@ pub struct Tenant {
 
 /// One key of a tenant.
 #[derive(Debug)]
-pub struct KeyRow {
+pub(crate) struct KeyRow {
     /// Its public id.
     pub id: String,
     /// Its label.
@@ -248,7 +248,10 @@ pub async fn tenant(client: &impl GenericClient, slug: &str) -> Result<Option<Te
 }
 
 /// A tenant's keys, oldest first, each with whether a terminal uses it now.
-pub async fn tenant_keys(client: &impl GenericClient, slug: &str) -> Result<Vec<KeyRow>, DbError> {
+pub(crate) async fn tenant_keys(
+    client: &impl GenericClient,
+    slug: &str,
+) -> Result<Vec<KeyRow>, DbError> {
     let rows = client
         .query(
             concat!(

@@ -13,7 +13,7 @@ use super::sequencer::STAGED_CHANNEL;
 
 /// How long an `Idempotency-Key` is remembered per tenant: a caller's retries end within
 /// minutes, and a day covers any retry queue that survives a restart (docs/protocol.md).
-pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// One explicit push from `POST /broadcast`, already validated.
 #[derive(Debug, Clone)]
@@ -184,7 +184,11 @@ pub async fn stage(
 }
 
 /// The event id of a repeated request's first staged row, once numbered (`None` before).
-pub async fn numbered_id(client: &Client, tenant: &str, key: &str) -> Result<Option<i64>, DbError> {
+pub(crate) async fn numbered_id(
+    client: &Client,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<i64>, DbError> {
     let row = client
         .query_opt(
             "SELECT event_id FROM orderpush.broadcast_requests

@@ -59,7 +59,7 @@ fn decode_row(row: &Row) -> Result<(String, String, String, Origin, SystemTime),
 /// Where the listener is in the log: the last row it handed on, in log order (batch, then
 /// tenant, then id).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogPosition {
+pub(crate) struct LogPosition {
     batch: i64,
     tenant: String,
     id: i64,
@@ -67,7 +67,7 @@ pub struct LogPosition {
 
 impl LogPosition {
     /// Just after every row of `batch` (and before every row of the next one).
-    pub fn after_batch(batch: i64) -> Self {
+    pub(crate) fn after_batch(batch: i64) -> Self {
         // The empty tenant sorts before every slug and -1 before every id, so "after (b+1, '',
         // -1)" is "from the first row of batch b+1".
         Self {
@@ -78,7 +78,7 @@ impl LogPosition {
     }
 
     /// The last batch read completely or in part.
-    pub fn batch_read(&self) -> i64 {
+    pub(crate) fn batch_read(&self) -> i64 {
         if self.id < 0 {
             self.batch - 1
         } else {
@@ -89,7 +89,7 @@ impl LogPosition {
 
 /// The log's position as the sequencer last committed it.
 #[derive(Debug, Clone, Copy)]
-pub struct LogState {
+pub(crate) struct LogState {
     /// The last committed batch.
     pub batch: i64,
     /// The elected sequencer's epoch (random per election).
@@ -117,7 +117,7 @@ pub async fn start(client: &impl GenericClient) -> Result<(i64, Vec<(String, i64
 
 /// The listener's statements, prepared once per connection: under load they run hundreds of
 /// times a second, and parsing and planning them each time would cost more than running them.
-pub struct FollowQueries {
+pub(crate) struct FollowQueries {
     state: Statement,
     after: Statement,
     staged_age: Statement,
@@ -159,7 +159,7 @@ impl FollowQueries {
 
     /// At most `limit` events after `position`, in log order, each with its position and the
     /// staged row it came from.
-    pub async fn read_after(
+    pub(crate) async fn read_after(
         &self,
         client: &impl GenericClient,
         position: &LogPosition,
@@ -190,7 +190,7 @@ impl FollowQueries {
     }
 
     /// Seconds the oldest staged row has waited to be numbered (`None`: none waits).
-    pub async fn oldest_staged_age(
+    pub(crate) async fn oldest_staged_age(
         &self,
         client: &impl GenericClient,
     ) -> Result<Option<f64>, DbError> {
@@ -199,7 +199,7 @@ impl FollowQueries {
 
     /// Each tenant's head as it was after `batch`: its head now, less the events numbered since
     /// (ids are gap-free, so that count is the difference). For a log that was rewound.
-    pub async fn heads_at(
+    pub(crate) async fn heads_at(
         &self,
         client: &impl GenericClient,
         batch: i64,
@@ -302,7 +302,7 @@ pub async fn installed(client: &impl GenericClient) -> Result<bool, DbError> {
 
 /// Rows deleted per retention statement: small enough that each DELETE holds its row locks for
 /// milliseconds and never blocks writers (they never touch old rows anyway).
-pub const PRUNE_BATCH: i64 = 5_000;
+pub(crate) const PRUNE_BATCH: i64 = 5_000;
 
 /// Deletes events older than `older_than`, in batches. Per tenant only a prefix of ids is ever
 /// deleted (everything up to the newest expired id), so the retained range has no holes even

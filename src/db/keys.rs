@@ -8,7 +8,7 @@ use tokio_postgres::GenericClient;
 use super::DbError;
 
 /// Every key starts with this, as the seed's keys do.
-pub const KEY_PREFIX: &str = "pos_";
+pub(crate) const KEY_PREFIX: &str = "pos_";
 /// Random bytes per key (64 hex digits): far beyond brute force.
 const KEY_BYTES: usize = 32;
 /// Random bytes in a key's public id (12 hex digits): short to type, unique in practice
@@ -196,15 +196,15 @@ pub async fn lookup(
 
 /// The NOTIFY channel a key change is announced on, with the key id as payload (migration
 /// V4: revoked, moved to another tenant, or deleted).
-pub const CHANGES_CHANNEL: &str = "orderpush_keys";
+pub(crate) const CHANGES_CHANNEL: &str = "orderpush_keys";
 
 /// Most ids asked about in one [`tenants_of`] query: bounds the statement's size when many keys
 /// are cached or connected (the caller asks in chunks).
-pub const STATE_QUERY_MAX_IDS: usize = 10_000;
+pub(crate) const STATE_QUERY_MAX_IDS: usize = 10_000;
 
 /// For each given key id, the tenant it may read now: `None` when it is revoked or no longer
 /// exists. Every id is answered, in no particular order.
-pub async fn tenants_of(
+pub(crate) async fn tenants_of(
     client: &impl GenericClient,
     ids: &[String],
 ) -> Result<Vec<(String, Option<String>)>, DbError> {

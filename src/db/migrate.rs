@@ -21,15 +21,15 @@ mod embedded {
 const MIGRATION_LOCK_KEY: i64 = 0x6f70_6d67;
 
 /// refinery's bookkeeping table (its default name; orderpush does not change it).
-pub const HISTORY_TABLE: &str = "refinery_schema_history";
+pub(crate) const HISTORY_TABLE: &str = "refinery_schema_history";
 
 /// Wait before the first retry; doubled after each failed attempt.
-pub const RETRY_BACKOFF_FIRST: Duration = Duration::from_secs(2);
+pub(crate) const RETRY_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts.
-pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(15);
+pub(crate) const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// How often, while a migration runs, a second connection looks up who blocks it. A lock wait
 /// shorter than this may go unnamed; the lock timeout is at least a second, so a real one is seen.
-pub const BLOCKER_POLL_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const BLOCKER_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Characters of a blocking session's last statement quoted in messages.
 const QUERY_EXCERPT_CHARS: usize = 160;
 
@@ -508,7 +508,7 @@ pub async fn status(config: &tokio_postgres::Config) -> Result<Vec<MigrationStat
 ///
 /// With `single_transaction`, the per-migration `BEGIN`/`COMMIT` are left out, so that
 /// `psql --single-transaction -f script.sql -f more.sql` runs it and further files atomically.
-pub async fn dry_run(
+pub(crate) async fn dry_run(
     config: &tokio_postgres::Config,
     options: &Options,
     single_transaction: bool,

@@ -34,32 +34,32 @@ use tokio_postgres::NoTls;
 /// Connections the request pool may open. Replay pages, key lookups and admin queries are
 /// short; 16 covers two cores many times over while staying far below Postgres's default
 /// max_connections of 100.
-pub const POOL_SIZE: usize = 16;
+pub(crate) const POOL_SIZE: usize = 16;
 /// Replays (`?since=` from the event log) may hold at most half the request pool at once
 /// ([`PoolShare`]): however many terminals replay, the other half stays free for key lookups
 /// (logins), admin queries and retention.
-pub const REPLAY_CONNECTIONS: usize = POOL_SIZE / 2;
+pub(crate) const REPLAY_CONNECTIONS: usize = POOL_SIZE / 2;
 /// The admin API, the status page and the background refresh of the `/metrics` database
 /// gauges share this many request-pool connections: enough for an operator and a scraper, and
 /// a flood of admin requests waits (then gets 503) instead of taking the pool.
-pub const ADMIN_CONNECTIONS: usize = 2;
+pub(crate) const ADMIN_CONNECTIONS: usize = 2;
 /// The /broadcast writer's own pool: one connection that nothing else can take, re-opened by
 /// the pool when it breaks. The writer is one task writing one batch at a time, so one is
 /// all it can use.
-pub const WRITER_CONNECTIONS: usize = 1;
+pub(crate) const WRITER_CONNECTIONS: usize = 1;
 /// How long a request waits for a pooled connection before it is answered 503.
-pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection attempt that has not completed by then is a dead or unreachable server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a query of the service's own connections (listener, revocation watcher, presence,
 /// the admin share) may take: slower means a dead or wedged connection (or a database in
 /// trouble), and the caller reconnects or answers 503. Generous for the small statements they
 /// run, short enough that /readyz and the operators notice within seconds.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a database call for at most `limit`: a call that takes longer is abandoned and reported
 /// as [`DbError::Timeout`] (the caller drops or cancels the connection it ran on).
-pub async fn with_timeout<T, E: Into<DbError>>(
+pub(crate) async fn with_timeout<T, E: Into<DbError>>(
     limit: Duration,
     call: impl Future<Output = Result<T, E>>,
 ) -> Result<T, DbError> {
@@ -71,7 +71,7 @@ pub async fn with_timeout<T, E: Into<DbError>>(
 
 /// TCP keepalive idle time: a half-open connection (e.g. after a failover) is noticed by the
 /// kernel in about a minute even when no query is running.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// A database failure, as the library reports it.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +107,7 @@ fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Applies orderpush's connection defaults (timeouts, keepalive, application name) to a config
 /// parsed from the user's URL, without overriding what the URL set explicitly.
-pub fn with_defaults(
+pub(crate) fn with_defaults(
     config: &tokio_postgres::Config,
     application_name: &str,
 ) -> tokio_postgres::Config {
@@ -131,7 +131,7 @@ pub fn pool(config: &tokio_postgres::Config) -> Result<Pool, DbError> {
 /// Builds the /broadcast writer's pool of [`WRITER_CONNECTIONS`], separate from the request
 /// pool, so that no amount of replays, logins or scrapes can keep a broadcast from being
 /// written.
-pub fn writer_pool(config: &tokio_postgres::Config) -> Result<Pool, DbError> {
+pub(crate) fn writer_pool(config: &tokio_postgres::Config) -> Result<Pool, DbError> {
     build_pool(config, "orderpush-writer", WRITER_CONNECTIONS)
 }
 
@@ -207,7 +207,7 @@ impl PoolShare {
     }
 
     /// Connections of this share in use (or being waited for) now.
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.size - self.permits.available_permits()
     }
 }
@@ -245,7 +245,7 @@ pub async fn ping(client: &tokio_postgres::Client) -> Result<(), DbError> {
 }
 
 /// Checks a tenant slug's syntax (the `tenants.slug` CHECK constraint) without a query.
-pub fn is_valid_tenant_slug(s: &str) -> bool {
+pub(crate) fn is_valid_tenant_slug(s: &str) -> bool {
     (1..=63).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')

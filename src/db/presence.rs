@@ -14,7 +14,7 @@ use super::DbError;
 /// An instance whose heartbeat is older than this is dead: its rows are ignored and deleted.
 /// Several missed heartbeats, so a busy database or a GC-like pause does not evict a live one.
 /// Every query that uses the live-instance rule (`live_instances!`) binds it as `$1`.
-pub const INSTANCE_STALE_AFTER: Duration = Duration::from_secs(15);
+pub(crate) const INSTANCE_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// [`INSTANCE_STALE_AFTER`] as the live-instance rule's `$1`.
 pub(crate) fn stale_after_secs() -> f64 {
@@ -55,7 +55,7 @@ pub struct InstanceStats {
 
 /// One connected terminal, as its instance last knew it.
 #[derive(Debug, Clone, Copy)]
-pub struct Terminal<'a> {
+pub(crate) struct Terminal<'a> {
     /// Unique within its instance.
     pub conn_id: u64,
     /// Its tenant.
@@ -116,7 +116,10 @@ pub async fn heartbeat(
 }
 
 /// Deletes every terminal row of `instance` (before rewriting them all).
-pub async fn clear_terminals(client: &impl GenericClient, instance: &str) -> Result<(), DbError> {
+pub(crate) async fn clear_terminals(
+    client: &impl GenericClient,
+    instance: &str,
+) -> Result<(), DbError> {
     client
         .execute(
             "DELETE FROM orderpush.connections WHERE instance_id = $1",
@@ -127,7 +130,7 @@ pub async fn clear_terminals(client: &impl GenericClient, instance: &str) -> Res
 }
 
 /// Deletes the terminal rows of `instance` with these connection ids (closed sockets).
-pub async fn remove_terminals(
+pub(crate) async fn remove_terminals(
     client: &impl GenericClient,
     instance: &str,
     conn_ids: &[u64],
@@ -143,7 +146,7 @@ pub async fn remove_terminals(
 }
 
 /// Inserts or updates the rows of these terminals of `instance`: one statement however many.
-pub async fn upsert_terminals(
+pub(crate) async fn upsert_terminals(
     client: &impl GenericClient,
     instance: &str,
     terminals: &[Terminal<'_>],
@@ -183,7 +186,10 @@ pub async fn upsert_terminals(
 
 /// Deletes the instances that are no longer live (their terminal rows go with them), except
 /// `keep` (the caller, which is writing its heartbeat); returns how many.
-pub async fn expire_instances(client: &impl GenericClient, keep: &str) -> Result<u64, DbError> {
+pub(crate) async fn expire_instances(
+    client: &impl GenericClient,
+    keep: &str,
+) -> Result<u64, DbError> {
     Ok(client
         .execute(
             concat!(
@@ -198,7 +204,7 @@ pub async fn expire_instances(client: &impl GenericClient, keep: &str) -> Result
 }
 
 /// The ids of the live instances, sorted.
-pub async fn live_instance_ids(client: &impl GenericClient) -> Result<Vec<String>, DbError> {
+pub(crate) async fn live_instance_ids(client: &impl GenericClient) -> Result<Vec<String>, DbError> {
     Ok(client
         .query(
             concat!(
@@ -215,7 +221,7 @@ pub async fn live_instance_ids(client: &impl GenericClient) -> Result<Vec<String
 }
 
 /// Tenants with a terminal connected to a live instance other than `instance`.
-pub async fn tenants_connected_elsewhere(
+pub(crate) async fn tenants_connected_elsewhere(
     client: &impl GenericClient,
     instance: &str,
 ) -> Result<HashSet<Arc<str>>, DbError> {
@@ -238,7 +244,7 @@ pub async fn tenants_connected_elsewhere(
 
 /// Deletes `instance`'s rows (a clean shutdown), so that other instances stop counting its
 /// terminals at once.
-pub async fn deregister(client: &impl GenericClient, instance: &str) -> Result<(), DbError> {
+pub(crate) async fn deregister(client: &impl GenericClient, instance: &str) -> Result<(), DbError> {
     client
         .execute(
             "DELETE FROM orderpush.instances WHERE id = $1",

@@ -12,9 +12,9 @@ use super::DbError;
 const ELECTION_LOCK: (i32, i32) = (28528, 2);
 
 /// The NOTIFY channel the sequencer announces each committed batch on (payload: the batch).
-pub const BATCH_CHANNEL: &str = "orderpush_events";
+pub(crate) const BATCH_CHANNEL: &str = "orderpush_events";
 /// The NOTIFY channel the triggers and /broadcast wake the sequencer on.
-pub const STAGED_CHANNEL: &str = "orderpush";
+pub(crate) const STAGED_CHANNEL: &str = "orderpush";
 
 /// Server-side settings of the sequencer's session, sent once per connection.
 ///
@@ -31,7 +31,7 @@ const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_
 
 /// Prepares the session and tries to become the sequencer. True when this session now holds the
 /// election lock (until it disconnects).
-pub async fn try_lead(client: &Client) -> Result<bool, DbError> {
+pub(crate) async fn try_lead(client: &Client) -> Result<bool, DbError> {
     client.batch_execute(SESSION_SETTINGS).await?;
     let row = client
         .query_one(
@@ -44,7 +44,7 @@ pub async fn try_lead(client: &Client) -> Result<bool, DbError> {
 
 /// Starts this sequencer's epoch (a random id, from the next batch on) and returns the last
 /// committed batch. Followers compare epochs to notice a log that went backwards.
-pub async fn start_epoch(client: &Client, epoch: i64) -> Result<i64, DbError> {
+pub(crate) async fn start_epoch(client: &Client, epoch: i64) -> Result<i64, DbError> {
     let row = client
         .query_one(
             "UPDATE orderpush.log_state SET epoch = $1, epoch_first_batch = batch + 1
@@ -57,7 +57,7 @@ pub async fn start_epoch(client: &Client, epoch: i64) -> Result<i64, DbError> {
 
 /// One staged row, as the trigger or /broadcast wrote it.
 #[derive(Debug, Clone)]
-pub struct StagedRow {
+pub(crate) struct StagedRow {
     /// Its place in the staging order.
     pub gid: i64,
     /// What it may become: `new_order`, `order_updated`, … (see the staging table).
@@ -74,7 +74,7 @@ pub struct StagedRow {
 
 /// What the sequencer knows of a tenant when numbering its rows.
 #[derive(Debug, Clone)]
-pub struct TenantState {
+pub(crate) struct TenantState {
     /// `tenants.created_at` as text (UTC), `None` when the tenant no longer exists.
     pub created_at: Option<String>,
     /// The same, in seconds since the epoch, to tell which incarnation a staged row belongs to.
@@ -90,7 +90,7 @@ pub struct TenantState {
 
 /// The DBA's settings the sequencer applies (docs/dba.md, "Controls").
 #[derive(Debug, Clone, Default)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// `orders.order_source` values that emit `new_order`.
     pub sources: HashSet<String>,
     /// Column-name overrides: (event kind, field, column).
@@ -100,7 +100,7 @@ pub struct Settings {
 }
 
 /// The sequencer's statements, prepared once per connection: they run for every batch.
-pub struct SequencerQueries {
+pub(crate) struct SequencerQueries {
     staged: Statement,
     orders: Statement,
     tenants: Statement,
@@ -111,7 +111,7 @@ pub struct SequencerQueries {
 
 /// An order as it is now: the row and its items, as JSON text.
 #[derive(Debug, Clone)]
-pub struct CurrentOrder {
+pub(crate) struct CurrentOrder {
     /// `to_jsonb(orders row)`.
     pub row: String,
     /// `jsonb_agg(to_jsonb(item))` in insertion order, `[]` without items.
@@ -120,7 +120,7 @@ pub struct CurrentOrder {
 
 /// A numbered batch, ready to be written in one statement.
 #[derive(Debug, Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Staged rows it consumes (numbered, dropped or failed alike).
     pub gids: Vec<i64>,
     /// Events, in id order per tenant.
@@ -142,7 +142,7 @@ pub struct Batch {
 
 /// A `new_order` numbered in a batch: one row of `orderpush.order_acks`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NumberedOrder {
+pub(crate) struct NumberedOrder {
     /// Tenant slug.
     pub tenant: String,
     /// The `new_order` event's id.
@@ -157,7 +157,7 @@ pub struct NumberedOrder {
 
 /// One event to append.
 #[derive(Debug, Clone)]
-pub struct NewEvent {
+pub(crate) struct NewEvent {
     /// Tenant slug.
     pub tenant: String,
     /// Its id within the tenant.
@@ -446,18 +446,7 @@ impl SequencerQueries {
 /// Removes dead rows from the staging table. The sequencer deletes every row it numbers; left to
 /// autovacuum (which visits a database about once a minute), thousands of dead entries would
 /// pile up at the head of the queue that every read walks.
-pub async fn vacuum_staged(client: &Client) -> Result<(), DbError> {
+pub(crate) async fn vacuum_staged(client: &Client) -> Result<(), DbError> {
     client.batch_execute("VACUUM orderpush.staged").await?;
     Ok(())
-}
-
-/// Whether rows are staged and how long the oldest has waited, in seconds (`None`: none).
-pub async fn oldest_staged_age(client: &Client) -> Result<Option<f64>, DbError> {
-    let row = client
-        .query_one(
-            "SELECT extract(epoch FROM now() - (SELECT staged_at FROM orderpush.staged ORDER BY gid LIMIT 1))::float8",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
 }

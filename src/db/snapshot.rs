@@ -5,11 +5,11 @@ use super::DbError;
 
 /// How far back an order's time (`coalesce(scheduled_for, created_at)`) may lie for the order
 /// to count as open: a kitchen's working day and the next, and every pre-order still to come.
-pub const OPEN_WINDOW_HOURS: i32 = 48;
+pub(crate) const OPEN_WINDOW_HOURS: i32 = 48;
 
 /// A tenant's open orders as of one snapshot.
 #[derive(Debug, Default)]
-pub struct OpenOrders {
+pub(crate) struct OpenOrders {
     /// The tenant's last event id in the same snapshot: every change the orders do not show
     /// yet comes with a larger id.
     pub head: i64,
@@ -23,7 +23,7 @@ pub struct OpenOrders {
 /// Reads the open orders of `tenant` (at most `limit`) and the id they are consistent with, in
 /// one read-only REPEATABLE READ transaction: an order changed after the snapshot has an event
 /// with a larger id, which the socket sends live.
-pub async fn open_orders(
+pub(crate) async fn open_orders(
     client: &tokio_postgres::Client,
     tenant: &str,
     limit: i64,

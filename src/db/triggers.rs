@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::DbError;
 
 /// The application tables (contract §2), shown even when they carry no orderpush trigger.
-pub const APPLICATION_TABLES: [&str; 5] = [
+pub(crate) const APPLICATION_TABLES: [&str; 5] = [
     "public.tenants",
     "public.orders",
     "public.order_items",
@@ -15,7 +15,7 @@ pub const APPLICATION_TABLES: [&str; 5] = [
 ];
 
 /// The triggers the migrations install: (table, trigger, event it emits).
-pub const EXPECTED_TRIGGERS: [(&str, &str, &str); 4] = [
+pub(crate) const EXPECTED_TRIGGERS: [(&str, &str, &str); 4] = [
     ("public.orders", "orderpush_new_order", "new_order"),
     ("public.orders", "orderpush_order_updated", "order_updated"),
     (
@@ -68,7 +68,7 @@ impl TriggerState {
     }
 
     /// True when ordinary application writes fire the trigger.
-    pub fn fires(self) -> bool {
+    pub(crate) fn fires(self) -> bool {
         matches!(self, Self::Enabled | Self::Always)
     }
 }

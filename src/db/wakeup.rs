@@ -45,7 +45,7 @@ const MODE_SQL: &str = "SELECT (SELECT substr(c, length('orderpush.wakeup=') + 1
          AND s.setrole = 0 AND c LIKE 'orderpush.wakeup=%')";
 
 /// The mode query, prepared once on a connection that re-reads the setting periodically.
-pub struct ModeQuery(Statement);
+pub(crate) struct ModeQuery(Statement);
 
 impl ModeQuery {
     /// Prepares the query on `client`.

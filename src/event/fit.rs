@@ -6,7 +6,7 @@
 /// Why `data` could not be made to fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the event is larger than the frame limit even with every string and list emptied")]
-pub struct TooLarge;
+pub(crate) struct TooLarge;
 
 /// Passes over the text before giving up on shortening strings alone. Each pass removes at least
 /// the excess it measured, so two passes suffice in practice; the bound only guarantees an end.

@@ -17,13 +17,13 @@ use crate::db::{self, DbError, is_valid_tenant_slug};
 
 /// Most tenants `GET /admin/tenants` lists; past it the answer says `"truncated": true`. Keeps
 /// one request's memory and time bounded on a database with very many tenants.
-pub const MAX_TENANTS: i64 = 10_000;
+pub(crate) const MAX_TENANTS: i64 = 10_000;
 /// Most connections one answer lists (per tenant, or on the status page in total): far more
 /// terminals than a restaurant has, and still a small answer.
-pub const MAX_CONNECTIONS_LISTED: i64 = 1_000;
+pub(crate) const MAX_CONNECTIONS_LISTED: i64 = 1_000;
 
 /// Routes of this group.
-pub fn router() -> Router<AppState> {
+pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/tenants", get(tenants))
         .route("/admin/tenants/{tenant}", get(tenant))
@@ -31,7 +31,7 @@ pub fn router() -> Router<AppState> {
 
 /// How a 401 tells the client what to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     /// API clients: `Authorization: Bearer <admin token>`.
     Bearer,
     /// Pages opened in a browser: the browser's own password prompt (any user name, the admin
@@ -41,7 +41,7 @@ pub enum Challenge {
 
 /// An authorization failure that carries its `WWW-Authenticate` challenge.
 #[derive(Debug)]
-pub struct Denied(pub Error, pub Challenge);
+pub(crate) struct Denied(pub Error, pub Challenge);
 
 impl IntoResponse for Denied {
     fn into_response(self) -> Response {
@@ -63,7 +63,7 @@ impl IntoResponse for Denied {
 
 /// The admin rule: with `--admin-token`, `Authorization: Bearer <token>` or HTTP Basic with the
 /// token as password; without one, loopback callers only (the rule /broadcast follows).
-pub fn authorize(
+pub(crate) fn authorize(
     state: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -104,7 +104,7 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
 /// Runs a query on the admin share of the pool (`db::ADMIN_CONNECTIONS`, so a flood of admin
 /// requests cannot take the connections logins need) within [`db::QUERY_TIMEOUT`]; a query that
 /// times out is cancelled and answered 503.
-pub async fn with_client<T, F>(state: &AppState, f: F) -> Result<T, Error>
+pub(crate) async fn with_client<T, F>(state: &AppState, f: F) -> Result<T, Error>
 where
     F: AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, DbError>,
 {

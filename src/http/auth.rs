@@ -16,35 +16,31 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-pub use crate::revocation::key_cache::{
-    KEY_CACHE_MAX, KEY_CACHE_TTL, KeyCache, REVOCATION_FRESHNESS, UNVERIFIABLE_RETRY_AFTER,
-    VerifiedKey,
-};
-pub use limiter::{
-    AUTH_FAILURE_WINDOW, AUTH_LIMITER_MAX_ADDRESSES, AuthLimiter, BLOCKED_LOOKUP_INTERVAL,
-    limiter_key,
-};
+pub use crate::revocation::key_cache::REVOCATION_FRESHNESS;
+pub(crate) use crate::revocation::key_cache::{KeyCache, UNVERIFIABLE_RETRY_AFTER, VerifiedKey};
+pub use limiter::{AUTH_FAILURE_WINDOW, BLOCKED_LOOKUP_INTERVAL};
+pub(crate) use limiter::{AuthLimiter, limiter_key};
 
 use super::{AppState, Error};
 use crate::db::keys;
 
 /// Headers a proxy adds to say whom it forwards for. A request carrying any of them came through
 /// a proxy, so its loopback peer address says nothing about the real caller.
-pub const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
+pub(crate) const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
 
 /// Response marker: this 401/403 is not a credential failure (e.g. a caller refused for not being
 /// local), so the limiter does not count it.
 #[derive(Debug, Clone, Copy)]
-pub struct NotCounted;
+pub(crate) struct NotCounted;
 
 /// Response marker: the database refused this key; its fingerprint lets the limiter recognise
 /// the same bad key from the same address without another lookup.
 #[derive(Debug, Clone, Copy)]
-pub struct BadKey(pub u64);
+pub(crate) struct BadKey(pub u64);
 
 /// Compares two secrets in time independent of where they differ: both are hashed first, so
 /// even their lengths are not compared directly.
-pub fn secrets_match(presented: &str, expected: &str) -> bool {
+pub(crate) fn secrets_match(presented: &str, expected: &str) -> bool {
     let a = Sha256::digest(presented.as_bytes());
     let b = Sha256::digest(expected.as_bytes());
     a.iter()
@@ -57,7 +53,7 @@ pub fn secrets_match(presented: &str, expected: &str) -> bool {
 /// configured token must be presented as `Authorization: Bearer <token>` (401 otherwise) and
 /// then nothing else matters; without a configured token only local callers are accepted (403
 /// otherwise, see [`local_caller`]). `what` names the endpoint group in the messages.
-pub fn authorize(
+pub(crate) fn authorize(
     token: Option<&str>,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -93,7 +89,7 @@ pub fn authorize(
 /// tricked by DNS rebinding sends the attacker's host name). A request without `Host` is
 /// refused: HTTP/1.1 requires it, and every real client (curl, browsers, HTTP libraries) sends
 /// one, so its absence says nothing good about the caller. `Err` says why, for the 403.
-pub fn local_caller(peer: SocketAddr, headers: &HeaderMap) -> Result<(), String> {
+pub(crate) fn local_caller(peer: SocketAddr, headers: &HeaderMap) -> Result<(), String> {
     if !is_loopback(peer) {
         return Err("the caller is not on the loopback interface".into());
     }
@@ -113,7 +109,7 @@ pub fn local_caller(peer: SocketAddr, headers: &HeaderMap) -> Result<(), String>
 /// True for a `Host` naming this machine without DNS: `localhost` (any case) or an IP literal
 /// (`127.0.0.1`, `[::1]`), each with an optional port. A DNS name, even `localhost.` or
 /// `localhost.example`, could resolve anywhere.
-pub fn is_local_host(host: &str) -> bool {
+pub(crate) fn is_local_host(host: &str) -> bool {
     let valid_port = |p: &str| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok();
     let port_ok = |rest: &str| rest.is_empty() || rest.strip_prefix(':').is_some_and(valid_port);
     if let Some(bracketed) = host.strip_prefix('[') {
@@ -130,7 +126,7 @@ pub fn is_local_host(host: &str) -> bool {
 
 /// True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (a dual-stack listener's view of
 /// 127.0.0.1).
-pub fn is_loopback(peer: SocketAddr) -> bool {
+pub(crate) fn is_loopback(peer: SocketAddr) -> bool {
     match peer.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {
@@ -143,7 +139,7 @@ pub fn is_loopback(peer: SocketAddr) -> bool {
 /// those endpoints then answer only direct local callers, which is easy to mistake for "open"
 /// (or to open by mistake through a local proxy). One message per unset token; none when
 /// `listen` is a loopback address.
-pub fn exposure_warnings(
+pub(crate) fn exposure_warnings(
     listen: SocketAddr,
     broadcast_token_set: bool,
     admin_token_set: bool,
@@ -170,7 +166,7 @@ pub fn exposure_warnings(
 
 /// A refused POS key: the answer, and the key's fingerprint when the database refused it.
 #[derive(Debug)]
-pub struct KeyRefusal {
+pub(crate) struct KeyRefusal {
     /// What the client is told.
     pub error: Error,
     /// Set when the database said the key is unknown or revoked.
@@ -201,7 +197,7 @@ impl IntoResponse for KeyRefusal {
 /// only as [`AuthLimiter::permit_lookup`] allows (429 otherwise). A key the database refused
 /// is 401; a key that cannot be verified because the database is unreachable is 503 with
 /// `Retry-After`, never 401 (a POS stops for good on 401).
-pub async fn verify_key(
+pub(crate) async fn verify_key(
     state: &AppState,
     caller: Option<&Caller>,
     secret: &str,
@@ -237,7 +233,7 @@ pub async fn verify_key(
 /// The caller's address and the limiter it is charged to, handed to handlers by
 /// [`limit_failed_auth`] as a request extension.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     limiter: Arc<AuthLimiter>,
     addr: IpAddr,
 }
@@ -252,7 +248,7 @@ fn whole_seconds(d: Duration) -> u64 {
 /// cooling off, such answers become 429 with `Retry-After`. Valid credentials pass whatever
 /// the address did, so one broken or hostile client cannot lock out the others behind the same
 /// address; routes that cost a lookup per attempt bound it through [`Caller`].
-pub async fn limit_failed_auth(
+pub(crate) async fn limit_failed_auth(
     State(limiter): State<Arc<AuthLimiter>>,
     mut request: Request,
     next: Next,

@@ -24,33 +24,33 @@ use crate::db::{DbError, is_valid_tenant_slug};
 use crate::listener::NumberedWaiters;
 
 /// Contract §4: the body limit.
-pub const MAX_BODY_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Longest `event.type` (docs/protocol.md).
-pub use crate::event::MAX_TYPE_LEN;
+pub(crate) use crate::event::MAX_TYPE_LEN;
 /// Longest `event.timestamp` accepted: an ISO 8601 string is ~30 characters; this leaves room
 /// for any reasonable format while keeping junk out of every frame.
-pub const MAX_TIMESTAMP_LEN: usize = 64;
+pub(crate) const MAX_TIMESTAMP_LEN: usize = 64;
 /// Deepest JSON nesting accepted in a body. Real events nest 3-4 levels; this stops
 /// pathological inputs long before serde_json's own recursion limit (128).
-pub const MAX_JSON_DEPTH: usize = 32;
+pub(crate) const MAX_JSON_DEPTH: usize = 32;
 /// Requests waiting for the writer. With 32 callers this never fills; past it callers wait
 /// (backpressure) rather than the queue growing.
-pub const WRITER_QUEUE: usize = 1024;
+pub(crate) const WRITER_QUEUE: usize = 1024;
 /// Most broadcasts written in one transaction: amortises the commit's WAL flush over many
 /// requests while keeping each transaction short.
-pub const WRITER_BATCH: usize = 256;
+pub(crate) const WRITER_BATCH: usize = 256;
 /// A request that cannot be queued and committed within this time is answered 503; one committed
 /// but not numbered by then is answered 200 without its id (it is durable and will be
 /// delivered once a sequencer numbers it).
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The header that makes a retry safe (docs/protocol.md).
-pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+pub(crate) const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Longest `Idempotency-Key`: a UUID or a request hash fits many times over; the bound keeps
 /// the table's keys small.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+pub(crate) const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// Routes of this group.
-pub fn router() -> Router<AppState> {
+pub(crate) fn router() -> Router<AppState> {
     Router::new().route("/broadcast", post(broadcast))
 }
 
@@ -324,7 +324,7 @@ impl Writer {
 
     /// Queues one broadcast, waits until it is staged, then until it is numbered (all within
     /// [`WRITE_TIMEOUT`]).
-    pub async fn submit(&self, broadcast: Broadcast) -> Result<Answer, Error> {
+    pub(crate) async fn submit(&self, broadcast: Broadcast) -> Result<Answer, Error> {
         let deadline = Instant::now() + WRITE_TIMEOUT;
         let tenant = broadcast.tenant.clone();
         let key = broadcast.idempotency.as_ref().map(|k| k.key.clone());

@@ -15,10 +15,10 @@ use super::AppState;
 /// recently: the listener reads at least every second and the presence heartbeat writes every
 /// 2 s when healthy, so 8 s is several missed rounds, and a database that stops answering is
 /// noticed within the 10 s the contract allows.
-pub const DATABASE_FRESH: Duration = Duration::from_secs(8);
+pub(crate) const DATABASE_FRESH: Duration = Duration::from_secs(8);
 
 /// Routes of this group.
-pub fn router() -> Router<AppState> {
+pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -13,7 +13,7 @@ use crate::metrics::RefusalReason;
 /// own old socket to be dropped (within the 60 s dead-peer deadline): retrying every 10 s gets it
 /// back within seconds of that, matches the 10 s cap of the backoff docs/protocol.md recommends,
 /// and does not hammer an instance that is full.
-pub const CAP_RETRY_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const CAP_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// The three caps and the counts they bound. Cheap to check: one short lock per upgrade and per
 /// socket end; nothing is allocated per socket (the maps' keys are the socket's own `Arc`s).
@@ -44,7 +44,7 @@ impl ConnectionLimits {
     }
 
     /// The caps configured in `tuning`.
-    pub fn from_tuning(tuning: &Tuning) -> Self {
+    pub(crate) fn from_tuning(tuning: &Tuning) -> Self {
         Self::new(
             tuning.max_connections,
             tuning.max_connections_per_key,
@@ -55,7 +55,7 @@ impl ConnectionLimits {
     /// Reserves a slot for one socket of `key_id` on `tenant`, or says which cap is reached
     /// (the most specific first: key, tenant, then the instance). Check and count happen under
     /// one lock, so concurrent upgrades can never overshoot a cap.
-    pub fn reserve(
+    pub(crate) fn reserve(
         self: &Arc<Self>,
         tenant: Arc<str>,
         key_id: Arc<str>,
@@ -84,7 +84,7 @@ impl ConnectionLimits {
     }
 
     /// What a refused client is told: which cap, and its value.
-    pub fn refusal_message(&self, reason: RefusalReason) -> String {
+    pub(crate) fn refusal_message(&self, reason: RefusalReason) -> String {
         let retry = CAP_RETRY_AFTER.as_secs();
         match reason {
             RefusalReason::Key => format!(
@@ -106,7 +106,8 @@ impl ConnectionLimits {
     }
 
     /// Slots held right now (sockets open or being upgraded).
-    pub fn reserved(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn reserved(&self) -> usize {
         self.lock().total
     }
 
@@ -139,7 +140,7 @@ fn decrement(map: &mut HashMap<Arc<str>, usize>, name: &str) {
 /// ending, or the upgrade callback being dropped without ever running because the client went
 /// away). It also carries the socket's tenant and key id, so the socket task keeps them once.
 #[derive(Debug)]
-pub struct ConnectionSlot {
+pub(crate) struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
     tenant: Arc<str>,
     key_id: Arc<str>,

@@ -30,7 +30,7 @@ use crate::presence::Presence;
 
 /// What every handler can reach. Cloning is one reference count.
 #[derive(Clone)]
-pub struct AppState(Arc<Shared>);
+pub(crate) struct AppState(Arc<Shared>);
 
 /// The shared parts behind [`AppState`].
 pub struct Shared {
@@ -87,7 +87,7 @@ impl std::ops::Deref for AppState {
 
 /// All routes. The authenticated ones (POS sockets, /broadcast, /admin, /status) sit behind
 /// the failed-authentication limiter; the health and metrics endpoints do not.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let limiter = Arc::new(auth::AuthLimiter::from_tuning(&state.tuning));
     Router::new()
         .merge(ws::router())

@@ -38,7 +38,7 @@ use crate::config::Tuning;
 /// Pause after an `accept` failure that is not the client's (out of file descriptors or
 /// memory): retrying at once would spin a core while nothing can succeed; a short pause lets
 /// connections close, and costs terminals of a reconnect storm little.
-pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The two connection deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +51,7 @@ pub struct Timeouts {
 
 impl Timeouts {
     /// The deadlines configured in `tuning`.
-    pub fn from_tuning(tuning: &Tuning) -> Self {
+    pub(crate) fn from_tuning(tuning: &Tuning) -> Self {
         Self {
             header_read: tuning.http_header_timeout,
             idle: tuning.http_idle_timeout,
@@ -99,7 +99,7 @@ pub async fn serve(
 
 /// The TCP stream under an upgraded connection, with whatever the client sent after its
 /// request head (early WebSocket frames), for the WebSocket code to own from now on.
-pub fn into_tcp(
+pub(crate) fn into_tcp(
     upgraded: hyper::upgrade::Upgraded,
 ) -> Result<(TcpStream, bytes::Bytes), hyper::upgrade::Upgraded> {
     let parts = upgraded.downcast::<TokioIo<WatchedIo>>()?;

@@ -29,7 +29,7 @@ const SCRIPT: &str = include_str!("status/app.js");
 /// Database gauges older than this are left out of `/metrics` and
 /// `orderpush_scrape_database_ok` is 0: several refreshes in a row failed, and a stale value
 /// must not look current.
-pub const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
+pub(crate) const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
 /// Headers of every status response: no caching of operational data, no framing, no guessing
 /// of types, scripts only from this origin.
 const SECURITY_HEADERS: [(header::HeaderName, &str); 5] = [
@@ -44,7 +44,7 @@ const SECURITY_HEADERS: [(header::HeaderName, &str); 5] = [
 ];
 
 /// Routes of this group.
-pub fn router() -> Router<AppState> {
+pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/status", get(page))
         .route("/status/app.js", get(script))
@@ -255,7 +255,7 @@ impl DatabaseGauges {
 /// Refreshes [`DatabaseGauges`] every presence interval until shutdown, on the admin share of
 /// the pool: they count what the presence heartbeat writes, so refreshing more often would read
 /// the same rows again, and scrapes (however many) cost the database nothing.
-pub async fn refresh_gauges(state: AppState) {
+pub(crate) async fn refresh_gauges(state: AppState) {
     let mut tick = tokio::time::interval(state.tuning.presence_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -290,7 +290,7 @@ pub async fn refresh_gauges(state: AppState) {
 /// Gauges for `/metrics`, all from memory (a scrape never touches the database): presence, the
 /// listener's read age, the undelivered alert, and the database gauges as of the last
 /// background refresh ([`refresh_gauges`]) when it is recent enough.
-pub fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str, f64)> {
+pub(crate) fn scrape_gauges(state: &AppState) -> Vec<(&'static str, &'static str, f64)> {
     let mut gauges = Vec::with_capacity(8);
     if let Some(age) = state.listener.last_read_age() {
         gauges.push((

@@ -38,54 +38,54 @@ use crate::sequencer::render;
 use crate::socket::{Conn, Flush, TypeFilter, handshake, wire};
 
 /// The header a POS presents its key in (the legacy Node server's).
-pub const API_KEY_HEADER: &str = "x-api-key";
+pub(crate) const API_KEY_HEADER: &str = "x-api-key";
 /// The subprotocol the service speaks. A browser must offer it with its key entry, and it is the
 /// only value ever echoed in the response's `Sec-WebSocket-Protocol` (never the key).
-pub const SUBPROTOCOL: &str = "orderpush.v1";
+pub(crate) const SUBPROTOCOL: &str = "orderpush.v1";
 /// Prefix of the `Sec-WebSocket-Protocol` entry that carries a browser's key:
 /// `orderpush.key.pos_<64 hex>` (an RFC 6455 token: letters, digits, `.` and `_` only).
-pub const KEY_PROTOCOL_PREFIX: &str = "orderpush.key.";
+pub(crate) const KEY_PROTOCOL_PREFIX: &str = "orderpush.key.";
 /// Largest message a POS may send. POS clients only receive (and at most ack); 4 KiB keeps a
 /// hostile client from making the server buffer anything sizeable.
-pub const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
+pub(crate) const MAX_INCOMING_MESSAGE: usize = 4 * 1024;
 /// Bytes read from a socket at a time: a POS sends pongs and acks of tens of bytes; a larger
 /// message (up to [`MAX_INCOMING_MESSAGE`]) takes a few reads.
-pub const READ_CHUNK: usize = 512;
+pub(crate) const READ_CHUNK: usize = 512;
 /// The kernel's send buffer per POS socket (`SO_SNDBUF`; Linux doubles it). Enough for dozens
 /// of typical orders, so the fan-out's direct writes almost always fit; small enough that a
 /// client that stops reading fills it quickly and meets the queue's bound (1 MiB), rather than
 /// the kernel's autotuned buffer (up to 4 MiB) hiding a slow client from it.
-pub const SEND_BUFFER: usize = 64 * 1024;
+pub(crate) const SEND_BUFFER: usize = 64 * 1024;
 /// Most event types one socket may ask for with `?types=`: there are four database types and a
 /// handful of the web app's; the bound keeps the per-frame check short.
-pub const MAX_TYPES_ASKED: usize = 32;
+pub(crate) const MAX_TYPES_ASKED: usize = 32;
 /// Events fetched per replay query: bounds memory for a POS that was away for a long time.
-pub const REPLAY_PAGE: i64 = 500;
+pub(crate) const REPLAY_PAGE: i64 = 500;
 /// Event data fetched per replay query, beyond its first row: 500 typical orders (~1 KB each)
 /// fit, while a page of near-maximal (1 MiB) events stops after about one, so a replay holds at
 /// most ~2 MiB of rows however large its events are.
-pub const REPLAY_PAGE_BYTES: i64 = 1 << 20;
+pub(crate) const REPLAY_PAGE_BYTES: i64 = 1 << 20;
 /// One replay query slower than this means a sick database: the socket is closed with 1011
 /// and the query cancelled, rather than holding a pooled connection.
-pub const REPLAY_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REPLAY_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long we wait for a close frame to be written before dropping the connection.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Close codes (RFC 6455) this service sends.
 pub mod close_code {
     /// Going away: the service is shutting down.
-    pub const GOING_AWAY: u16 = 1001;
+    pub(crate) const GOING_AWAY: u16 = 1001;
     /// Policy violation: the key was revoked.
-    pub const POLICY: u16 = 1008;
+    pub(crate) const POLICY: u16 = 1008;
     /// Internal error: e.g. the database was unreachable during replay.
-    pub const INTERNAL: u16 = 1011;
+    pub(crate) const INTERNAL: u16 = 1011;
     /// Try again later: the client read too slowly (its queue overflowed, or nothing drained
     /// for the drain timeout); resume with `since`.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Routes of this group.
-pub fn router() -> Router<AppState> {
+pub(crate) fn router() -> Router<AppState> {
     Router::new().route("/ws/pos/{tenant}", get(upgrade))
 }
 
@@ -939,7 +939,7 @@ fn kick_reason(conn: &Conn) -> DisconnectReason {
 /// (`head`) and its oldest retained id (`oldest`, `None` when nothing is retained); otherwise
 /// the reason for `resync_required`. `since` may be the last pruned id: `since + 1` retained
 /// means no gap.
-pub fn resume_plan(
+pub(crate) fn resume_plan(
     since: i64,
     head: i64,
     oldest: Option<i64>,

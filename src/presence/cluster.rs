@@ -18,12 +18,12 @@ struct View {
 
 /// What the last successful flush learnt about the other instances.
 #[derive(Debug, Default)]
-pub struct ClusterView(Mutex<View>);
+pub(crate) struct ClusterView(Mutex<View>);
 
 impl ClusterView {
     /// Records what a flush just read: the live instances' ids (sorted) and the tenants with a
     /// terminal on another instance.
-    pub fn synced(&self, instances: Vec<String>, elsewhere: HashSet<Arc<str>>) {
+    pub(crate) fn synced(&self, instances: Vec<String>, elsewhere: HashSet<Arc<str>>) {
         *self.lock() = View {
             synced_at: Some(Instant::now()),
             instances,
@@ -33,7 +33,7 @@ impl ClusterView {
 
     /// Whether a terminal of `tenant` is connected to another live instance; `None` when the
     /// view is missing or older than [`INSTANCE_STALE_AFTER`].
-    pub fn connected_elsewhere(&self, tenant: &str) -> Option<bool> {
+    pub(crate) fn connected_elsewhere(&self, tenant: &str) -> Option<bool> {
         let view = self.lock();
         let fresh = view
             .synced_at
@@ -43,7 +43,7 @@ impl ClusterView {
 
     /// Whether the instance `me` reports cluster-wide conditions: the live instance with the
     /// smallest id does; without a fresh view every instance does.
-    pub fn is_reporter(&self, me: &str) -> bool {
+    pub(crate) fn is_reporter(&self, me: &str) -> bool {
         let view = self.lock();
         let fresh = view
             .synced_at
@@ -56,12 +56,12 @@ impl ClusterView {
     }
 
     /// Time since the last successful flush; `None` before the first.
-    pub fn last_sync_age(&self) -> Option<Duration> {
+    pub(crate) fn last_sync_age(&self) -> Option<Duration> {
         self.lock().synced_at.map(|t| t.elapsed())
     }
 
     /// Live instances seen at the last flush (0 before the first).
-    pub fn live_instances(&self) -> usize {
+    pub(crate) fn live_instances(&self) -> usize {
         self.lock().instances.len()
     }
 

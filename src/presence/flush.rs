@@ -123,7 +123,7 @@ impl Presence {
 
     /// Deletes this instance's rows (clean shutdown), so others stop counting its terminals at
     /// once instead of after [`super::INSTANCE_STALE_AFTER`].
-    pub async fn deregister(&self, client: &tokio_postgres::Client) -> Result<(), DbError> {
+    pub(crate) async fn deregister(&self, client: &tokio_postgres::Client) -> Result<(), DbError> {
         let work = db::presence::deregister(client, &self.info.id);
         db::with_timeout(db::QUERY_TIMEOUT, work).await
     }

@@ -55,7 +55,7 @@ impl InstanceInfo {
     }
 
     /// This instance's heartbeat row, as the database stores it.
-    pub fn as_row(&self) -> crate::db::presence::Instance<'_> {
+    pub(crate) fn as_row(&self) -> crate::db::presence::Instance<'_> {
         crate::db::presence::Instance {
             id: &self.id,
             hostname: &self.hostname,

@@ -38,7 +38,7 @@ pub struct Connection {
 impl Connection {
     /// The socket asked for types that leave `new_order` out: its deliveries and
     /// acknowledgements say nothing about orders.
-    pub fn takes_no_orders(&self) {
+    pub(crate) fn takes_no_orders(&self) {
         self.takes_orders.store(false, Ordering::Relaxed);
     }
 
@@ -77,17 +77,17 @@ impl Connection {
     }
 
     /// The last id delivered on this connection, if any.
-    pub fn last_delivered(&self) -> Option<i64> {
+    pub(crate) fn last_delivered(&self) -> Option<i64> {
         some(self.last_delivered.load(Ordering::Relaxed))
     }
 
     /// The last id this POS acknowledged, if any.
-    pub fn last_acked(&self) -> Option<i64> {
+    pub(crate) fn last_acked(&self) -> Option<i64> {
         some(self.last_acked.load(Ordering::Relaxed))
     }
 
     /// Its row in the database, as of now.
-    pub fn as_terminal(&self) -> Terminal<'_> {
+    pub(crate) fn as_terminal(&self) -> Terminal<'_> {
         Terminal {
             conn_id: self.id,
             tenant: &self.tenant,
@@ -106,14 +106,14 @@ fn some(v: i64) -> Option<i64> {
 
 /// A registered connection; dropping it unregisters it.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     registry: Arc<Registry>,
     conn: Arc<Connection>,
 }
 
 impl Registration {
     /// The connection's record, to be told of every event written to its socket.
-    pub fn delivery_log(&self) -> Arc<dyn crate::socket::DeliveryLog> {
+    pub(crate) fn delivery_log(&self) -> Arc<dyn crate::socket::DeliveryLog> {
         Arc::clone(&self.conn) as Arc<dyn crate::socket::DeliveryLog>
     }
 }
@@ -165,7 +165,7 @@ struct Local {
 
 /// What a flush must write.
 #[derive(Debug)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Rewrite every row (the first flush, or after a failed one).
     pub full: bool,
     /// Connections closed since the last flush (empty when `full`).
@@ -190,7 +190,7 @@ impl Changes {
 
 /// The terminals connected to this instance.
 #[derive(Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     next_conn: AtomicU64,
     local: Mutex<Local>,
 }
@@ -212,7 +212,7 @@ impl Default for Registry {
 
 impl Registry {
     /// Registers a connected terminal (`since`: the id it resumed from, if any).
-    pub fn register(
+    pub(crate) fn register(
         self: &Arc<Self>,
         tenant: &Arc<str>,
         key_id: &str,
@@ -238,19 +238,9 @@ impl Registry {
         }
     }
 
-    /// Connections open now.
-    pub fn len(&self) -> usize {
-        self.lock().live.len()
-    }
-
-    /// True when no connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Takes what must be written (everything when `force_full`, e.g. because this instance's
     /// rows disappeared); each change is handed out once.
-    pub fn take_changes(&self, force_full: bool) -> Changes {
+    pub(crate) fn take_changes(&self, force_full: bool) -> Changes {
         let mut local = self.lock();
         let full = std::mem::take(&mut local.full_resync) || force_full;
         let removed = std::mem::take(&mut local.removed);
@@ -272,14 +262,14 @@ impl Registry {
 
     /// A flush that took `finished` failed: they wait for the next one (recording them twice
     /// is harmless, each order keeps its first times).
-    pub fn keep_finished(&self, finished: Vec<Arc<Connection>>) {
+    pub(crate) fn keep_finished(&self, finished: Vec<Arc<Connection>>) {
         let mut local = self.lock();
         let room = MAX_FINISHED.saturating_sub(local.finished.len());
         local.finished.extend(finished.into_iter().take(room));
     }
 
     /// The database may no longer match memory: the next flush rewrites every row.
-    pub fn need_full_resync(&self) {
+    pub(crate) fn need_full_resync(&self) {
         let mut local = self.lock();
         local.full_resync = true;
         local.removed = Vec::new();
@@ -333,6 +323,6 @@ mod tests {
         assert!(!next.full);
         assert_eq!(next.removed, vec![id_b]);
         assert_eq!(next.changed.len(), 1);
-        assert_eq!(r.len(), 1);
+        assert_eq!(r.lock().live.len(), 1);
     }
 }

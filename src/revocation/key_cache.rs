@@ -12,11 +12,11 @@ use crate::db::keys::{self, KeyIdentity};
 /// Longest a cache entry is used without the database confirming it again, however healthy the
 /// revocation watcher looks; also how long an unused entry is kept. While the watcher is live,
 /// its periodic check re-confirms every entry in use long before this.
-pub const KEY_CACHE_TTL: Duration = Duration::from_secs(60);
+pub(crate) const KEY_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Most cached keys (about 200 bytes each, so 20 MB at most). Only keys the database confirmed
 /// get in, so filling it takes that many valid keys in use within a minute; past it, unused
 /// entries are dropped first and, if all are in use, the cache starts over.
-pub const KEY_CACHE_MAX: usize = 100_000;
+pub(crate) const KEY_CACHE_MAX: usize = 100_000;
 /// When no revocation check has succeeded for this long (the database is unreachable), only
 /// entries the database confirmed within this window are trusted; other keys cannot be verified
 /// and get 503 with Retry-After. 10 s is five missed checks at the default 2 s interval: one
@@ -24,7 +24,7 @@ pub const KEY_CACHE_MAX: usize = 100_000;
 pub const REVOCATION_FRESHNESS: Duration = Duration::from_secs(10);
 /// The Retry-After of that 503: about the revocation watcher's longest reconnect delay (5 s),
 /// after which the database is worth asking again.
-pub const UNVERIFIABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const UNVERIFIABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long a key change is remembered, for the connections that were being authenticated
 /// while it arrived (a handshake takes milliseconds; a minute is generous).
 const CHANGE_MEMORY: Duration = Duration::from_secs(60);
@@ -183,7 +183,7 @@ impl KeyCache {
 
     /// Drops entries unused for [`KEY_CACHE_TTL`] and returns the ids of the rest: what the
     /// periodic revocation check asks the database about.
-    pub fn ids_to_check(&self) -> Vec<String> {
+    pub(crate) fn ids_to_check(&self) -> Vec<String> {
         let now = Instant::now();
         let mut inner = self.lock();
         inner
@@ -265,13 +265,13 @@ impl KeyCache {
 
     /// The watcher lost its connection: changes are no longer notified, so only entries
     /// confirmed within [`REVOCATION_FRESHNESS`] stay trusted.
-    pub fn watcher_lost(&self) {
+    pub(crate) fn watcher_lost(&self) {
         self.lock().live_since = None;
     }
 
     /// False when a change recorded after `generation` took `key_id` away from `tenant`: the
     /// socket authenticated meanwhile must close, since the change found nothing to close.
-    pub fn still_valid(&self, key_id: &str, tenant: &str, generation: u64) -> bool {
+    pub(crate) fn still_valid(&self, key_id: &str, tenant: &str, generation: u64) -> bool {
         match self.lock().changes.get(key_id) {
             Some(c) if c.generation > generation => c.tenant.as_deref() == Some(tenant),
             _ => true,

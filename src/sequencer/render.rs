@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use crate::event;
 
 /// A written row, parsed once: column name → its JSON value, exactly as Postgres printed it.
-pub type Columns<'a> = HashMap<String, &'a RawValue>;
+pub(crate) type Columns<'a> = HashMap<String, &'a RawValue>;
 
 /// Parses `to_jsonb(row)` text. `None` if it is not a JSON object (never, for rows the trigger
 /// staged; possible for a row someone inserted by hand).
@@ -169,7 +169,7 @@ pub fn new_order(map: &FieldMap, order: &Columns<'_>, items: &[Columns<'_>]) -> 
 
 /// An order's id, number and status as text, from its row in a `new_order` or `order_updated`
 /// (`kind`, whose column names apply), for the acknowledgement chain (`orderpush.order_acks`).
-pub fn order_ref(map: &FieldMap, kind: &str, order: &Columns<'_>) -> OrderRef {
+pub(crate) fn order_ref(map: &FieldMap, kind: &str, order: &Columns<'_>) -> OrderRef {
     let text_of = |field, default| {
         order
             .get(map.column(kind, field, default))
@@ -185,7 +185,7 @@ pub fn order_ref(map: &FieldMap, kind: &str, order: &Columns<'_>) -> OrderRef {
 
 /// Which order a row is, and its status: see [`order_ref`].
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct OrderRef {
+pub(crate) struct OrderRef {
     /// The order's id.
     pub id: Option<String>,
     /// Its number (what the kitchen calls it).
@@ -269,7 +269,7 @@ pub fn loyalty_updated(map: &FieldMap, row: &Columns<'_>) -> String {
 /// Converts a timestamp as `to_jsonb` prints it (`2025-10-11T16:00:00.123456+02:00`, in the
 /// writer's time zone) to the protocol's UTC form with milliseconds. `None` for `infinity`,
 /// years outside 1..9999 (`BC`, five digits) and anything else that is not such a timestamp.
-pub fn pg_timestamp_to_iso(s: &str) -> Option<String> {
+pub(crate) fn pg_timestamp_to_iso(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let num = |from: usize, len: usize| -> Option<i64> {
         let part = s.get(from..from + len)?;

@@ -20,14 +20,14 @@ use tokio::sync::Notify;
 
 /// Told of every event written to the socket, completely (presence records it for the admin
 /// API and to check acks).
-pub trait DeliveryLog: Send + Sync {
+pub(crate) trait DeliveryLog: Send + Sync {
     /// Event `id` was written to the socket.
     fn delivered(&self, id: i64);
 }
 
 /// Why a connection was ended from outside its task (the task closes it accordingly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
+pub(crate) enum Kick {
     /// Its queue was full: close 1013, the POS resumes with `since`.
     SlowConsumer,
     /// Its key was revoked or moved: close 1008.
@@ -38,7 +38,7 @@ pub enum Kick {
 
 /// How many bytes and frames may wait for one socket before it counts as too slow.
 #[derive(Debug, Clone, Copy)]
-pub struct QueueBounds {
+pub(crate) struct QueueBounds {
     /// Bytes queued at most (an empty queue takes one frame of any size).
     pub bytes: usize,
     /// Frames queued at most.
@@ -47,11 +47,11 @@ pub struct QueueBounds {
 
 /// The event types a socket asked for (`?types=`), plus the frames every socket gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TypeFilter(Box<[Box<str>]>);
+pub(crate) struct TypeFilter(Box<[Box<str>]>);
 
 impl TypeFilter {
     /// Types that pass every filter: what a POS must see whatever it asked for.
-    pub const ALWAYS: [&'static str; 4] =
+    pub(crate) const ALWAYS: [&'static str; 4] =
         ["resync_required", "ready", "snapshot_end", "order_snapshot"];
 
     /// A filter letting these types through.
@@ -67,7 +67,7 @@ impl TypeFilter {
 
 /// What became of a frame offered to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offered {
+pub(crate) enum Offered {
     /// Written to the socket in full, directly.
     Written,
     /// Not for this socket (a type it did not ask for); it moves the socket's position.
@@ -82,7 +82,7 @@ pub enum Offered {
 
 /// What the socket's task must do after [`Conn::flush`].
 #[derive(Debug)]
-pub enum Flush {
+pub(crate) enum Flush {
     /// Everything is written; direct writes are on again if the socket is live.
     Idle,
     /// The socket takes no more now: wait until it is writable, then flush again.
@@ -134,7 +134,7 @@ struct Out {
 
 /// The connection: the socket and its ordered write path, its kick signal and the counters the
 /// drain watch reads.
-pub struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     out: Mutex<Out>,
     /// Wakes the task: something is queued, or the connection was kicked.
@@ -186,7 +186,7 @@ impl Conn {
     }
 
     /// Whether this socket is sent frames of type `kind`.
-    pub fn wants(&self, kind: &str) -> bool {
+    pub(crate) fn wants(&self, kind: &str) -> bool {
         self.types.as_ref().is_none_or(|t| t.passes(kind))
     }
 
@@ -286,19 +286,12 @@ impl Conn {
     /// The task follows the live stream from `last_id` (the last event it wrote; `None` for a
     /// socket that joined without `since` and was sent nothing yet). Direct writes resume once
     /// the queue is written out ([`Conn::flush`]).
-    pub fn go_live(&self, last_id: Option<i64>) {
+    pub(crate) fn go_live(&self, last_id: Option<i64>) {
         let mut out = self.lock();
         out.live = true;
         if last_id.is_some() {
             out.last_id = last_id;
         }
-    }
-
-    /// The task replays or catches up: no direct writes until [`Conn::go_live`] and a flush.
-    pub fn pause(&self) {
-        let mut out = self.lock();
-        out.live = false;
-        out.direct = false;
     }
 
     /// Writes what is queued, in order, as far as the socket takes it without waiting. Returns
@@ -397,7 +390,7 @@ impl Conn {
     /// Writes from the task while it is not live (replay, catch-up): as much of `bytes` as the
     /// socket takes now. Nothing else writes meanwhile (direct writes are off, and the queue
     /// waits for the task), so the task may write a frame in several calls.
-    pub fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
+    pub(crate) fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
         let out = self.lock();
         debug_assert!(!out.direct);
         match self.stream.try_write(bytes) {
@@ -455,7 +448,7 @@ impl Conn {
 
     /// Ends the stream with a close frame: what is queued is dropped (the frame being written
     /// is finished first, so the close frame starts on a frame boundary). Flush to send it.
-    pub fn close_with(&self, frame: Bytes) {
+    pub(crate) fn close_with(&self, frame: Bytes) {
         let mut out = self.lock();
         out.live = false;
         out.direct = false;
@@ -475,22 +468,22 @@ impl Conn {
     }
 
     /// Reads what has arrived, without waiting (`WouldBlock` when nothing has).
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.stream.try_read(buf)
     }
 
     /// Waits until the socket takes more bytes.
-    pub async fn writable(&self) -> io::Result<()> {
+    pub(crate) async fn writable(&self) -> io::Result<()> {
         self.stream.writable().await
     }
 
     /// Resolves when there is something for the task to do: a frame queued, or a kick.
-    pub async fn woken(&self) {
+    pub(crate) async fn woken(&self) {
         self.wake.notified().await
     }
 
     /// Ends the connection from outside its task (the first reason wins).
-    pub fn fire(&self, reason: Kick) {
+    pub(crate) fn fire(&self, reason: Kick) {
         let code = match reason {
             Kick::SlowConsumer => 1,
             Kick::KeyRevoked => 2,
@@ -507,7 +500,7 @@ impl Conn {
     }
 
     /// Why the connection was kicked, if it was.
-    pub fn kick_reason(&self) -> Option<Kick> {
+    pub(crate) fn kick_reason(&self) -> Option<Kick> {
         match self.kicked.load(Ordering::Acquire) {
             0 => None,
             1 => Some(Kick::SlowConsumer),
@@ -517,7 +510,7 @@ impl Conn {
     }
 
     /// Resolves when the connection is kicked.
-    pub async fn kicked(&self) {
+    pub(crate) async fn kicked(&self) {
         loop {
             // Register before checking, so a kick between the check and the await still wakes.
             let notified = self.kick.notified();
@@ -537,7 +530,7 @@ impl Conn {
 
     /// True when the connection has something to send: queued bytes, or the task waits for the
     /// socket to take a write.
-    pub fn has_work(&self) -> bool {
+    pub(crate) fn has_work(&self) -> bool {
         self.waiting.load(Ordering::Acquire) || !self.lock().queue.is_empty()
     }
 

@@ -11,4 +11,4 @@ pub mod conn;
 pub mod handshake;
 pub mod wire;
 
-pub use conn::{Conn, DeliveryLog, Flush, Kick, Offered, QueueBounds, TypeFilter};
+pub(crate) use conn::{Conn, DeliveryLog, Flush, Kick, Offered, QueueBounds, TypeFilter};

@@ -16,20 +16,20 @@ const MASKED: u8 = 0x80;
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// A ping with no payload: what the service sends to check a POS is alive.
-pub const PING: Bytes = Bytes::from_static(&[FIN | OP_PING, 0]);
+pub(crate) const PING: Bytes = Bytes::from_static(&[FIN | OP_PING, 0]);
 
 /// A complete, unmasked text frame holding `payload`.
-pub fn text_frame(payload: &[u8]) -> Bytes {
+pub(crate) fn text_frame(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, payload)
 }
 
 /// The pong answering a ping with this payload (at most 125 bytes, as the ping's was).
-pub fn pong_frame(payload: &[u8]) -> Bytes {
+pub(crate) fn pong_frame(payload: &[u8]) -> Bytes {
     frame(OP_PONG, &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)])
 }
 
 /// A close frame with a status code and a reason (cut to fit a control frame).
-pub fn close_frame(code: u16, reason: &str) -> Bytes {
+pub(crate) fn close_frame(code: u16, reason: &str) -> Bytes {
     let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
@@ -60,7 +60,7 @@ fn frame(opcode: u8, payload: &[u8]) -> Bytes {
 
 /// One message from a POS.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     /// A complete text message (valid UTF-8), e.g. an ack.
     Text(String),
     /// A complete binary message (POS clients have no use for them; ignored).
@@ -75,7 +75,7 @@ pub enum Incoming {
 
 /// Why the frames a POS sent cannot be read: the socket is closed without further ado.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum WireError {
+pub(crate) enum WireError {
     /// A frame breaks RFC 6455 (unmasked, reserved bits, unknown opcode, bad fragmentation,
     /// invalid UTF-8, an oversized control frame).
     #[error("protocol violation: {0}")]
@@ -88,7 +88,7 @@ pub enum WireError {
 /// Reassembles the frames a POS sends into messages, holding at most one message of
 /// `max_message` bytes plus one read's worth of bytes. Idle, it holds no allocation.
 #[derive(Debug)]
-pub struct Reader {
+pub(crate) struct Reader {
     max_message: usize,
     /// Bytes received and not yet parsed.
     buf: BytesMut,
@@ -114,7 +114,7 @@ impl Reader {
     }
 
     /// The next complete message, if the bytes received so far hold one.
-    pub fn next_message(&mut self) -> Result<Option<Incoming>, WireError> {
+    pub(crate) fn next_message(&mut self) -> Result<Option<Incoming>, WireError> {
         loop {
             let Some((opcode, fin, payload)) = self.next_frame()? else {
                 if self.buf.is_empty() {

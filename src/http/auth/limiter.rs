@@ -15,7 +15,7 @@ pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// most). When full: expired entries go first, then the tenth of the addresses still counting
 /// with the fewest failures; an address cooling off is never forgotten. If every entry is
 /// cooling off, new addresses go uncounted until the first cooldown ends.
-pub const AUTH_LIMITER_MAX_ADDRESSES: usize = 100_000;
+pub(crate) const AUTH_LIMITER_MAX_ADDRESSES: usize = 100_000;
 /// While an address cools off, at most one key lookup in the database per this interval may
 /// be caused by it (keys found in the key cache need none). Enough for a valid till whose key
 /// is not cached yet to get in after a retry or two; 12 a minute, a quarter of what an address
@@ -24,7 +24,7 @@ pub const BLOCKED_LOOKUP_INTERVAL: Duration = Duration::from_secs(5);
 /// Bad keys remembered per address (the last ones the database refused). While the address
 /// cools off, these are refused without a query and without using up its lookup allowance: two
 /// tills retrying a revoked key do not starve a third one whose valid key needs a lookup.
-pub const BAD_KEYS_REMEMBERED: usize = 4;
+pub(crate) const BAD_KEYS_REMEMBERED: usize = 4;
 /// Share of the table's capacity forgotten at once when it is full of live entries (1/10): one
 /// scan then makes room for many new addresses, so a flood costs a scan per 10,000 addresses,
 /// not per request.
@@ -82,7 +82,7 @@ struct Table {
 /// credentials answered 429 for the cooldown; valid ones still pass, and the database lookups
 /// it can cause are bounded ([`AuthLimiter::permit_lookup`]).
 #[derive(Debug)]
-pub struct AuthLimiter {
+pub(crate) struct AuthLimiter {
     limit: u32,
     window: Duration,
     cooldown: Duration,
@@ -105,13 +105,14 @@ impl AuthLimiter {
 
     /// The same, tracking at most `capacity` addresses instead of
     /// [`AUTH_LIMITER_MAX_ADDRESSES`].
+    #[cfg(test)]
     pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self
     }
 
     /// The limiter a server with this tuning uses.
-    pub fn from_tuning(tuning: &Tuning) -> Self {
+    pub(crate) fn from_tuning(tuning: &Tuning) -> Self {
         Self::new(
             tuning.auth_failure_limit,
             AUTH_FAILURE_WINDOW,
@@ -148,7 +149,7 @@ impl AuthLimiter {
     /// Whether a key not in the cache may be looked up for `addr` now. Always while the address
     /// is not cooling off; while it is, not for a key the database already refused for it, and
     /// otherwise once per [`BLOCKED_LOOKUP_INTERVAL`]. `Err(retry_after)` when not.
-    pub fn permit_lookup(
+    pub(crate) fn permit_lookup(
         &self,
         addr: IpAddr,
         fingerprint: u64,
@@ -173,7 +174,7 @@ impl AuthLimiter {
 
     /// Counts one failure (with the fingerprint of the key the database refused, if that was
     /// the failure); returns true when it starts a cooling-off period.
-    pub fn record_failure(&self, addr: IpAddr, now: Instant, bad_key: Option<u64>) -> bool {
+    pub(crate) fn record_failure(&self, addr: IpAddr, now: Instant, bad_key: Option<u64>) -> bool {
         if self.limit == 0 {
             return false;
         }
@@ -241,6 +242,7 @@ impl AuthLimiter {
     }
 
     /// Addresses tracked now.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.lock().entries.len()
     }
@@ -252,7 +254,7 @@ impl AuthLimiter {
 
 /// The address a failure is charged to: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by its /64,
 /// because one IPv6 host typically controls a whole /64 and could rotate within it.
-pub fn limiter_key(addr: IpAddr) -> IpAddr {
+pub(crate) fn limiter_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
