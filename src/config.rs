@@ -390,16 +390,16 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 /// values (the named constants); tests shorten some of them.
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// How often each socket is pinged (contract: at least every 30 s).
+    /// How often each socket is pinged (docs/protocol.md: at least every 30 s).
     pub ping_interval: Duration,
-    /// A socket silent for this long is dropped (contract: 60 s).
+    /// A socket silent for this long is dropped (docs/protocol.md: 60 s).
     pub pong_timeout: Duration,
     /// Bytes of frames a client may have queued before it is disconnected with 1013.
     pub client_queue_bytes: usize,
     /// Frames a client may have queued before it is disconnected with 1013.
     pub client_queue_frames: usize,
     /// How often every cached and connected key is re-checked for revocation: the safety net
-    /// behind the key-change notifications (contract: closed within 5 s). Must stay well under
+    /// behind the key-change notifications (docs/operations.md: closed within 5 s). Must stay well under
     /// the key cache's `REVOCATION_FRESHNESS` (10 s), since these checks keep the cache trusted.
     pub revocation_check_interval: Duration,
     /// How often retention runs in `serve`.
@@ -437,9 +437,9 @@ pub struct Tuning {
     pub max_connections_per_tenant: usize,
 }
 
-/// Pinging every 20 s keeps inside the contract's "at least every 30 s" even when a tick is late.
+/// Pinging every 20 s keeps inside docs/protocol.md's "at least every 30 s" even when a tick is late.
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// Contract §5: drop a connection that has not answered for 60 s.
+/// docs/protocol.md: drop a connection that has not answered for 60 s.
 pub(crate) const PONG_TIMEOUT: Duration = Duration::from_secs(60);
 /// 1 MiB of unsent frames per client, as Centrifugo does: hours of a busy kitchen's normal
 /// traffic, yet 10k stalled clients cannot hold more than 10 GiB (and in practice far less).
@@ -447,7 +447,7 @@ pub(crate) const CLIENT_QUEUE_BYTES: usize = 1 << 20;
 /// Frame-count bound alongside the byte bound, so tiny frames cannot pile up without limit.
 pub(crate) const CLIENT_QUEUE_FRAMES: usize = 4096;
 /// Key changes arrive by notification within milliseconds; this periodic check catches the ones
-/// that did not (the watcher reconnecting, a skipped notify) within the contract's 5 s, with slack
+/// that did not (the watcher reconnecting, a skipped notify) within the promised 5 s, with slack
 /// for a slow query and the close handshake, and five of them fit in the 10 s freshness window.
 pub(crate) const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Retention is coarse (hours); deleting every 5 minutes keeps each batch small.

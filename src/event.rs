@@ -147,7 +147,7 @@ impl Event {
         }
     }
 
-    /// Renders the frame: `{"type","tenant","timestamp","data","id"}` (contract §3). `data` is
+    /// Renders the frame: `{"type","tenant","timestamp","data","id"}` (docs/protocol.md, "Read events"). `data` is
     /// spliced in as stored, so money, key order and nesting reach the POS as written.
     pub(crate) fn to_frame(&self) -> String {
         envelope(
@@ -226,7 +226,7 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
 }
 
-/// The current time as ISO 8601 UTC with milliseconds and `Z`, like the seed's timestamps.
+/// The current time as ISO 8601 UTC with milliseconds and `Z`, as the legacy Node server wrote them.
 pub(crate) fn iso_now() -> String {
     iso(SystemTime::now())
 }

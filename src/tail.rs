@@ -26,7 +26,7 @@ pub(crate) const TAIL_RETRY_CAP: Duration = Duration::from_secs(10);
 /// A connection that stayed up this long (or delivered an event) was healthy: the next
 /// disconnect starts again from [`BACKOFF_FIRST`] rather than continuing to grow.
 pub(crate) const HEALTHY_AFTER: Duration = Duration::from_secs(10);
-/// The server pings at least every 30 s (contract §5); hearing nothing for 75 s (two missed
+/// The server pings at least every 30 s (docs/protocol.md); hearing nothing for 75 s (two missed
 /// pings and slack) means the connection is dead even if TCP has not noticed.
 pub(crate) const SILENCE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A TCP + WebSocket handshake that has not completed by then is retried.

@@ -7,7 +7,7 @@ use tokio_postgres::GenericClient;
 
 use super::DbError;
 
-/// Every key starts with this, as the seed's keys do.
+/// Every key starts with this, as the legacy server's keys do.
 pub(crate) const KEY_PREFIX: &str = "pos_";
 /// Random bytes per key (64 hex digits): far beyond brute force.
 const KEY_BYTES: usize = 32;

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::DbError;
 
-/// The application tables (contract §2), shown even when they carry no orderpush trigger.
+/// The application tables (docs/protocol.md lists their events), shown even when they carry no orderpush trigger.
 pub(crate) const APPLICATION_TABLES: [&str; 5] = [
     "public.tenants",
     "public.orders",

@@ -23,7 +23,7 @@ use crate::db::broadcasts::{self, Broadcast, Idempotency, StageError, Staged};
 use crate::db::{DbError, is_valid_tenant_slug};
 use crate::listener::NumberedWaiters;
 
-/// Contract §4: the body limit.
+/// The body limit (docs/protocol.md, `POST /broadcast`).
 pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Longest `event.type` (docs/protocol.md).
 pub(crate) use crate::event::MAX_TYPE_LEN;
@@ -159,7 +159,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Error> {
     Ok(Some(key.to_owned()))
 }
 
-/// Contract §4: a configured token must be presented as `Bearer`; without one, only loopback
+/// docs/protocol.md, `POST /broadcast`: a configured token must be presented as `Bearer`; without one, only loopback
 /// callers are accepted. The rule is shared with the admin endpoints ([`auth::authorize`]).
 fn authorize(token: Option<&str>, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Error> {
     auth::authorize(token, peer, headers, "broadcast")

@@ -1,4 +1,4 @@
-//! Operations endpoints (contract §6): `/healthz`, `/readyz`, `/metrics`, all answered from
+//! Operations endpoints (docs/operations.md): `/healthz`, `/readyz`, `/metrics`, all answered from
 //! memory: no probe or scrape ever waits for the database or takes a pooled connection.
 
 use std::time::Duration;
@@ -14,7 +14,7 @@ use super::AppState;
 /// /readyz counts the database reachable while a background connection completed a query this
 /// recently: the listener reads at least every second and the presence heartbeat writes every
 /// 2 s when healthy, so 8 s is several missed rounds, and a database that stops answering is
-/// noticed within the 10 s the contract allows.
+/// noticed within the 10 s docs/protocol.md promises.
 pub(crate) const DATABASE_FRESH: Duration = Duration::from_secs(8);
 
 /// Routes of this group.

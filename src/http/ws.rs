@@ -204,7 +204,7 @@ async fn upgrade(
     Ok(switching.map(|()| Body::empty()))
 }
 
-/// Contract §5: no key, or an unknown or revoked one → 401; another tenant's key → 403; a key
+/// docs/protocol.md, "Connect": no key, or an unknown or revoked one → 401; another tenant's key → 403; a key
 /// that cannot be verified now (database unreachable) → 503 with Retry-After.
 async fn authenticate(
     state: &AppState,
