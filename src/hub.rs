@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::periodic::Periodic;
 use crate::socket::{Conn, Kick, Offered, QueueBounds, wire};
 
 /// One rendered event, its WebSocket frame encoded once and shared by every socket that sends
@@ -570,13 +571,8 @@ pub(crate) async fn watch_drains(hub: Arc<Hub>, timeout: Duration, shutdown: Can
     let every = DRAIN_CHECK_INTERVAL
         .min(timeout / 4)
         .max(Duration::from_millis(10));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut clock = Periodic::every(every);
+    while clock.tick(&shutdown).await {
         let kicked = hub.check_drains(Instant::now(), timeout);
         if kicked > 0 {
             tracing::info!(

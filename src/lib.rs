@@ -39,10 +39,11 @@
 //! - [`tail`]: `orderpush tail`, a reconnecting POS client for people.
 //! - [`cli`]: the subcommands behind the binary, and everything they print.
 //! - [`backoff`]: the capped exponential backoff of every reconnect loop.
+//! - [`periodic`]: the clock of the periodic background jobs.
 //!
 //! Modules depend on each other top-down (`cli` → `server` → `http` → `hub`, `listener`,
-//! `sequencer`, `revocation`, `presence`, `alert` → `socket` → `db` → `event`, with `config`
-//! and `backoff` below all); `tests/structure.rs` checks it.
+//! `sequencer`, `revocation`, `presence`, `alert` → `socket` → `db` → `event`, with `config`,
+//! `backoff` and `periodic` below all); `tests/structure.rs` checks it.
 
 pub mod activity;
 pub mod alert;
@@ -55,6 +56,7 @@ pub mod http;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
+pub mod periodic;
 pub mod presence;
 pub mod revocation;
 pub mod sequencer;

@@ -19,6 +19,7 @@ use crate::http::{self, AppState, Shared, auth, broadcast, limits::ConnectionLim
 use crate::hub::{self, Frame, Hub, RECENT_FRAMES};
 use crate::listener::{Listener, ListenerHealth, NumberedWaiters, Start};
 use crate::metrics::Metrics;
+use crate::periodic::Periodic;
 use crate::presence::{self, InstanceInfo, InstanceStats, Presence};
 use crate::revocation;
 use crate::sequencer::{Sequencer, SequencerHealth};
@@ -254,13 +255,8 @@ async fn retention_loop(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut clock = Periodic::every(interval);
+    while clock.tick(&shutdown).await {
         let result = match pool.get().await {
             Ok(client) => events::prune(&**client, retention).await,
             Err(e) => Err(e.into()),

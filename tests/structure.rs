@@ -27,7 +27,7 @@ const LAYERS: [&[&str]; 10] = [
     &["db"],
     &["metrics", "activity"],
     &["event"],
-    &["config", "backoff"],
+    &["config", "backoff", "periodic"],
 ];
 
 /// Upper-case words that start an SQL statement: a string literal that begins with one is SQL.

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use crate::config::AckTimeout;
 use crate::db::{self, PoolShare};
 use crate::metrics::Metrics;
+use crate::periodic::Periodic;
 
 /// Orders warned about per check at most: a flood (a tenant whose terminals never acknowledge,
 /// a kitchen offline at rush hour) gives 50 lines a second at most; the rest follow at the next
@@ -29,13 +30,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut clock = Periodic::every(interval);
+    while clock.tick(&shutdown).await {
         // A claim slower than db::QUERY_TIMEOUT is cancelled; the next check tries again.
         let claim = db.run(db::QUERY_TIMEOUT, async |c| {
             db::acks::claim_overdue(&***c, timeout.as_secs(), MAX_WARNINGS_PER_CHECK).await

@@ -21,6 +21,7 @@ use super::AppState;
 use super::admin::{self, Challenge};
 use crate::activity::{RecentEvent, Undelivered};
 use crate::db::{self, admin::ConnectionRow};
+use crate::periodic::Periodic;
 
 /// The page itself: static, no data (the data comes from `/status/data`).
 const PAGE: &str = include_str!("status/index.html");
@@ -256,13 +257,8 @@ impl DatabaseGauges {
 /// the pool: they count what the presence heartbeat writes, so refreshing more often would read
 /// the same rows again, and scrapes (however many) cost the database nothing.
 pub(crate) async fn refresh_gauges(state: AppState) {
-    let mut tick = tokio::time::interval(state.tuning.presence_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut clock = Periodic::every(state.tuning.presence_interval);
+    while clock.tick(&state.shutdown).await {
         let ack_timeout = state.tuning.ack_timeout.as_secs();
         let read = state.admin_db.run(db::QUERY_TIMEOUT, async |c| {
             let gauges = db::admin::gauges(&***c).await?;

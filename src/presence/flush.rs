@@ -14,6 +14,7 @@ use super::registry::Changes;
 use crate::db::presence::{InstanceStats, Terminal};
 use crate::db::{self, DbError};
 use crate::metrics::Metrics;
+use crate::periodic::Periodic;
 
 /// The log target of presence's lines, wherever in the module they are written.
 const PRESENCE_LOG_TARGET: &str = "orderpush::presence";
@@ -141,14 +142,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clock = Periodic::every(interval);
     let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    while clock.tick(&shutdown).await {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = db::connect(&database, "orderpush-presence").await.ok();
         }
