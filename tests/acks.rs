@@ -114,29 +114,14 @@ async fn the_view_shows_an_order_delivered_then_acknowledged_by_its_terminal() {
 async fn the_web_app_reads_the_view_with_the_documented_grant_and_nothing_else() {
     let db = TestDb::create().await;
     db.tenant("kitchen").await;
-    let role = format!("app_{}", db.name);
-    let c = db.client().await;
-    c.batch_execute(&format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN;"
-    ))
-    .await
-    .unwrap();
-    c.batch_execute(&documented_sql(
-        "**The application's role**",
-        &[("webapp", &role)],
-    ))
-    .await
-    .unwrap();
-    c.batch_execute(&documented_sql(
-        "To show \"the restaurant has received your order\"",
-        &[("webapp", &role)],
-    ))
-    .await
-    .unwrap();
-    let mut app = db.client().await;
-    app.batch_execute(&format!("SET ROLE {role}"))
-        .await
-        .unwrap();
+    let (role, mut app) = app_role(
+        &db,
+        &[
+            "**The application's role**",
+            "To show \"the restaurant has received your order\"",
+        ],
+    )
+    .await;
     let order = insert_order(&mut app, "kitchen", "APP-1", 1).await;
     number_staged(&db).await;
     let row = app
@@ -167,9 +152,7 @@ async fn the_web_app_reads_the_view_with_the_documented_grant_and_nothing_else()
         );
     }
     drop(app);
-    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
-        .await
-        .unwrap();
+    drop_app_role(&db, &role).await;
 }
 
 /// The lines of `serve`'s log whose message starts with `prefix`.

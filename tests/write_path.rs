@@ -193,23 +193,7 @@ async fn a_recreated_tenant_writes_at_once_and_never_sees_the_old_restaurants_ev
 #[tokio::test]
 async fn an_app_role_with_rights_on_its_tables_only_takes_orders_and_cannot_touch_orderpush() {
     let (db, _server, mut pos, _key) = kitchen().await;
-    let role = format!("app_{}", db.name);
-    let c = db.client().await;
-    c.batch_execute(&format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN;"
-    ))
-    .await
-    .unwrap();
-    c.batch_execute(&documented_sql(
-        "**The application's role**",
-        &[("webapp", &role)],
-    ))
-    .await
-    .unwrap();
-    let mut app = db.client().await;
-    app.batch_execute(&format!("SET ROLE {role}"))
-        .await
-        .unwrap();
+    let (role, mut app) = app_role(&db, &["**The application's role**"]).await;
     insert_order(&mut app, "kitchen", "APP-1", 2).await;
     app.execute(
         "UPDATE orders SET status = 'preparing' WHERE order_number = 'APP-1'",
@@ -236,9 +220,7 @@ async fn an_app_role_with_rights_on_its_tables_only_takes_orders_and_cannot_touc
         );
     }
     drop(app);
-    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
-        .await
-        .unwrap();
+    drop_app_role(&db, &role).await;
 }
 
 #[tokio::test]

@@ -22,6 +22,14 @@ macro_rules! overdue_orders {
     };
 }
 
+/// The columns of an [`Overdue`] order, in [`overdue_row`]'s order (`$1` is the default timeout).
+macro_rules! overdue_columns {
+    () => {
+        "a.tenant_slug, a.order_id, a.order_number, a.event_id, orderpush.iso(a.numbered_at),
+         orderpush.iso(a.first_delivered_at), extract(epoch FROM now() - a.numbered_at)::float8"
+    };
+}
+
 /// What one terminal received and acknowledged, as its instance knows it now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress<'a> {
@@ -179,9 +187,9 @@ pub(crate) async fn claim_overdue(
                  UPDATE orderpush.order_acks a SET alerted_at = now()
                  FROM due
                  WHERE a.tenant_slug = due.tenant_slug AND a.event_id = due.event_id
-                 RETURNING a.tenant_slug, a.order_id, a.order_number, a.event_id,
-                           orderpush.iso(a.numbered_at), orderpush.iso(a.first_delivered_at),
-                           extract(epoch FROM now() - a.numbered_at)::float8, due.timeout"
+                 RETURNING ",
+                overdue_columns!(),
+                ", due.timeout"
             ),
             &[&default_timeout, &limit],
         )
@@ -202,10 +210,9 @@ pub async fn overdue(
     let rows = client
         .query(
             concat!(
-                "SELECT a.tenant_slug, a.order_id, a.order_number, a.event_id,
-                        orderpush.iso(a.numbered_at), orderpush.iso(a.first_delivered_at),
-                        extract(epoch FROM now() - a.numbered_at)::float8,
-                        coalesce(s.ack_timeout_seconds, $1) ",
+                "SELECT ",
+                overdue_columns!(),
+                ", coalesce(s.ack_timeout_seconds, $1) ",
                 overdue_orders!(),
                 "  AND ($3::text IS NULL OR a.tenant_slug = $3)
                  ORDER BY a.numbered_at, a.tenant_slug, a.event_id

@@ -19,3 +19,39 @@ pub(crate) fn documented_sql(marker: &str, roles: &[(&str, &str)]) -> String {
     }
     sql
 }
+
+/// The application's database role, created for one test with exactly the GRANTs of
+/// docs/dba.md's sections named by `markers` (the role name `webapp` in them stands for it).
+/// Returns the role's name and a connection already switched to it (`SET ROLE`). Drop the role
+/// with [`drop_app_role`] when done: roles belong to the cluster, not the test database.
+pub(crate) async fn app_role(
+    db: &super::TestDb,
+    markers: &[&str],
+) -> (String, tokio_postgres::Client) {
+    let role = format!("app_{}", db.name);
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN;"
+    ))
+    .await
+    .unwrap();
+    for marker in markers {
+        c.batch_execute(&documented_sql(marker, &[("webapp", &role)]))
+            .await
+            .unwrap();
+    }
+    let app = db.client().await;
+    app.batch_execute(&format!("SET ROLE {role}"))
+        .await
+        .unwrap();
+    (role, app)
+}
+
+/// Removes a role made by [`app_role`] (after its connections are closed).
+pub(crate) async fn drop_app_role(db: &super::TestDb, role: &str) {
+    db.client()
+        .await
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}
