@@ -1,5 +1,7 @@
-//! Issue 5, on-call: the admin API (`/admin/tenants`, `/admin/tenants/{tenant}`), acks, the
-//! admin token, and the presence and database gauges of `/metrics`.
+//! What on-call reads over HTTP (docs/operations.md, "Admin API", "Metrics"): the admin API, acks,
+//! the admin token, and `/metrics` (Prometheus text, the presence and database gauges).
+
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -235,4 +237,31 @@ fn a_short_admin_token_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--admin-token"), "{err}");
     assert!(err.contains("at least 16"), "{err}");
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let server = TestServer::builder(&db).start().await;
+    server
+        .broadcast(&json!({"tenant": "kitchen", "event": {"type": "new_order", "data": {}}}))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(server.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("# TYPE orderpush_connections gauge"));
+        if text.contains("orderpush_events_total{origin=\"broadcast\",type=\"new_order\"} 1") {
+            assert!(text.contains("orderpush_broadcasts_accepted_total 1"));
+            assert!(text.contains("orderpush_listener_up 1"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

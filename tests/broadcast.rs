@@ -1,11 +1,11 @@
-//! Contract §4: POST /broadcast, its answers and every error case.
+//! `POST /broadcast` (docs/protocol.md, "`POST /broadcast`"): its answers and every error case.
 
 use serde_json::json;
 
 use crate::common::*;
 
 #[tokio::test]
-async fn a_broadcast_reaches_the_tenant_as_the_seed_answered() {
+async fn a_broadcast_reaches_the_tenant_and_is_answered_as_documented() {
     let OneTenant {
         db: _db,
         key,

@@ -1,5 +1,5 @@
-//! Issue 5, POS developer: a browser, which cannot set `X-API-Key` on a WebSocket, presents its
-//! key as a `Sec-WebSocket-Protocol` entry; the server echoes only `orderpush.v1`.
+//! A browser, which cannot set `X-API-Key` on a WebSocket, presents its key as a
+//! `Sec-WebSocket-Protocol` entry; the server echoes only `orderpush.v1` (docs/browser-auth.md).
 
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

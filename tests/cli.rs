@@ -1,4 +1,4 @@
-//! Contract §1: the `orderpush` binary's subcommands, run as a user would.
+//! The `orderpush` binary's subcommands (README.md, "Commands"), run as a user would.
 
 use std::process::{Command, Output};
 

@@ -1,4 +1,4 @@
-//! Contract §3: database writes become events, exactly as the seed shaped them.
+//! Database writes become events, shaped exactly as docs/protocol.md ("Read events") shows them.
 
 use serde_json::json;
 
@@ -73,7 +73,7 @@ async fn new_order_carries_items_inserted_after_the_order_row() {
             "createdAt": "2025-10-11T14:00:00.000Z"
         })
     );
-    // The seed's key order is kept (the frame is built in that order, not re-sorted).
+    // The key order of docs/protocol.md is kept (the frame is built in that order, not re-sorted).
     let order: Vec<usize> = [
         "\"type\"",
         "\"tenant\"",
@@ -144,7 +144,7 @@ async fn order_status_changes_emit_one_event_each_and_nothing_for_no_change() {
 }
 
 #[tokio::test]
-async fn gift_card_and_loyalty_events_match_the_seed() {
+async fn gift_card_and_loyalty_events_have_the_documented_shape() {
     let (_db, _server, mut pos, client) = setup().await;
     client
         .execute(

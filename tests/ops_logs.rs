@@ -1,5 +1,6 @@
-//! Issue 5, on-call: `--log-format json` (one JSON object per line; text stays the default), the
-//! undelivered-order WARN once per tenant per interval, and a browser key never in the logs.
+//! Logs as on-call reads them (docs/operations.md, "Logs", "Undelivered-order alert"):
+//! `--log-format json` (one JSON object per line; text stays the default), the undelivered-order
+//! WARN once per tenant per interval, and a browser key never in the logs.
 //! These run the real binary, as an operator does.
 
 use serde_json::Value;

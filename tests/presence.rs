@@ -1,5 +1,6 @@
-//! Issue 5, presence across instances: every instance sees every terminal, dead instances
-//! expire, lost rows come back, and the undelivered alert is counted once for the cluster.
+//! Presence across instances (docs/operations.md, "Presence"): every instance sees every
+//! terminal, dead instances expire, lost rows come back, and the undelivered alert is counted
+//! once for the cluster.
 
 use crate::common::*;
 

@@ -1,5 +1,5 @@
-//! Contract §5: resuming with `?since=` — replay in order, then live, nothing twice;
-//! `resync_required` when the history is gone.
+//! Resuming with `?since=` (docs/protocol.md, "Resume after a disconnect"): replay in order, then
+//! live, nothing twice; retention on its own schedule, and `resync_required` once history is gone.
 
 use std::time::Duration;
 
@@ -174,4 +174,75 @@ async fn prune_deletes_only_a_prefix_per_tenant() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(left, vec![4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_runs_on_its_own_and_never_blocks_writers() {
+    let OneTenant { db, key, server } = one_tenant_with("kitchen", |s| {
+        s.tuning(|t| t.prune_interval = Duration::from_millis(200))
+    })
+    .await;
+    let client = db.client().await;
+    for i in 1..=20 {
+        insert_loyalty(&client, "kitchen", i).await;
+    }
+    client
+        .execute(
+            "UPDATE orderpush.events SET emitted_at = now() - interval '2 days' WHERE id <= 15",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Nobody calls prune: the server's schedule does.
+    eventually(
+        "the scheduled retention prunes the old events",
+        WAIT,
+        || async { db.event_count().await == 5 },
+    )
+    .await;
+    assert!(metric(&server, "orderpush_pruned_events_total").await >= 15.0);
+    // A fresh instance (no recent frames in memory) answers from the retained log.
+    let fresh = TestServer::builder(&db).start().await;
+    let mut expired = Pos::connect(&fresh, "kitchen", &key, Some(3)).await;
+    let first = expired.next().await;
+    assert_eq!(
+        (first["type"].as_str(), first["id"].as_i64()),
+        (Some("resync_required"), Some(20))
+    );
+
+    // A prune in progress (its deletes uncommitted, its row locks held) does not hold up a
+    // writer of the same tenant, nor the delivery of what it writes. (Rows aged 2 hours: the
+    // server's 24 h schedule leaves them to this transaction's 1 h retention.)
+    let mut live = Pos::connect(&server, "kitchen", &key, None).await;
+    client
+        .execute(
+            "UPDATE orderpush.events SET emitted_at = now() - interval '2 hours' WHERE id <= 18",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut pruner = db.client().await;
+    let tx = pruner.transaction().await.unwrap();
+    let deleted = orderpush::db::events::prune(&tx, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 3);
+    let writer = db.client().await;
+    tokio::time::timeout(WAIT, async {
+        for i in 21..=30 {
+            insert_loyalty(&writer, "kitchen", i).await;
+        }
+    })
+    .await
+    .expect("writers are not blocked by a running prune");
+    for id in 21..=30 {
+        assert_eq!(live.next().await["id"], id);
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(db.event_count().await, 12);
+    assert_eq!(
+        expired.next().await["id"],
+        21,
+        "a resynced client continues live"
+    );
 }

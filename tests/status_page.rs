@@ -1,5 +1,5 @@
-//! Issue 5, on-call: the live status page `/status`, its data, and the page itself driven in
-//! Debian's headless Chromium (tests/browser/status-page.mjs, playwright-core).
+//! The live status page (docs/operations.md, "Status page: `/status`"), its data, and the page
+//! itself driven in Debian's headless Chromium (tests/browser/status-page.mjs, playwright-core).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
