@@ -10,6 +10,7 @@ mod chaos;
 mod cli;
 mod common;
 mod dba;
+mod docs;
 mod events;
 mod fanout;
 mod faults;
