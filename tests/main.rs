@@ -11,6 +11,7 @@ mod cli;
 mod common;
 mod dba;
 mod delivery;
+mod docs;
 mod events;
 mod fanout;
 mod faults;

@@ -31,7 +31,7 @@ options:
   --servers LIST        orderpush,node (default both)
   --orderpush-bin PATH  orderpush binary (default: $ORDERPUSH_BIN, else
                         $CARGO_TARGET_DIR/release/orderpush, else <repo>/target/release/orderpush)
-  --node-src DIR        Node baseline sources (default <repo>/../shared/baselines/node-seed-server)
+  --node-src DIR        Node baseline sources (default <repo>/bench/baseline-node)
   --clients N           connections for scenarios 1, 2 and 6 (default 10000)
   --big-frame-bytes N   scenario 1: padding of the one big broadcast (default 40000; 0 = skip)
   --fanout-curve LIST   scenario 2: smaller client counts measured at saturation besides
@@ -137,7 +137,7 @@ impl Args {
             scenarios: vec![],
             servers: vec![Kind::Orderpush, Kind::Node],
             orderpush_bin: None,
-            node_src: repo.join("../shared/baselines/node-seed-server"),
+            node_src: repo.join("bench/baseline-node"),
             clients: 10_000,
             big_frame_bytes: 40_000,
             fanout_curve: vec![200, 1000],

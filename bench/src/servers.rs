@@ -284,7 +284,8 @@ pub fn listen_overflows() -> (u64, u64) {
     (0, 0)
 }
 
-/// Makes a private copy of the Node baseline (shared/ is read-only) and runs `npm ci` there once.
+/// Makes a private copy of the Node baseline (so `npm ci` writes its `node_modules` under
+/// `bench/out`, never into the sources) and runs `npm ci` there once.
 pub async fn prepare_node(src: &Path, dst: &Path) -> Result<()> {
     if dst.join("node_modules/ws").exists() && dst.join("server.js").exists() {
         return Ok(());

@@ -149,7 +149,7 @@ pub struct Ctx {
     /// The orderpush database of scenarios 1-3, 5, 6 and its keys (one per tenant).
     pub op_db: Option<String>,
     pub op_keys: Vec<String>,
-    /// The Node baseline's database (contract tables + naive triggers) and keys.
+    /// The Node baseline's database (the application tables + naive triggers) and keys.
     pub node_db: Option<String>,
     pub node_keys: Vec<String>,
     pub node_keys_file: PathBuf,
@@ -216,7 +216,7 @@ impl Ctx {
         Ok(name)
     }
 
-    /// A database with the contract tables and `tenants` tenants, set up as `kind` needs:
+    /// A database with the application tables and `tenants` tenants, set up as `kind` needs:
     /// orderpush: its migrations (optionally a wake-up mode first); node: schema.sql plus,
     /// with `naive`, naive-triggers.sql; neither: schema.sql alone (trigger-free).
     pub async fn prepare_db(&self, suffix: &str, setup: DbSetup<'_>) -> Result<String> {

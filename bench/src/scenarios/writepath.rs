@@ -1,5 +1,5 @@
 //! Scenario 4: the application's write cost. pgbench runs the orders+items transaction at 1, 8
-//! and 32 writers on the contract tables without triggers, with orderpush's staging triggers in
+//! and 32 writers on the application tables without triggers, with orderpush's staging triggers in
 //! each wake-up mode (`ALTER DATABASE .. SET orderpush.wakeup`, the service running, so its
 //! sequencer numbers the staged rows as in production), and with the Node baseline's naive
 //! NOTIFY triggers (its listener running). An orderpush figure counts only if the sequencer
