@@ -186,6 +186,8 @@ async fn retention_runs_on_its_own_and_never_blocks_writers() {
     for i in 1..=20 {
         insert_loyalty(&client, "kitchen", i).await;
     }
+    // Numbered after their commit: age them once they are all in the log.
+    db.wait_numbered().await;
     client
         .execute(
             "UPDATE orderpush.events SET emitted_at = now() - interval '2 days' WHERE id <= 15",
