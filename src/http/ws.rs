@@ -455,7 +455,7 @@ struct Liveness<'a> {
 
 impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     async fn run(&mut self, start: Start) -> DisconnectReason {
-        match self.catch_up_at_start(start).await {
+        match Box::pin(self.catch_up_at_start(start)).await {
             Ok(last) => self.conn.go_live(last),
             Err(reason) => return reason,
         }
@@ -510,7 +510,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
     /// instance knows nothing of the tenant yet).
     async fn catch_up_at_start(&mut self, start: Start) -> Result<Option<i64>, DisconnectReason> {
         let last = match (start.since, start.replay) {
-            (None, _) if start.snapshot => Some(self.snapshot(None).await?),
+            (None, _) if start.snapshot => Some(Box::pin(self.snapshot(None)).await?),
             (None, _) => start.position,
             // Memory never replays more than the log would (it holds 64 frames; only a
             // shortened limit, as in tests, can be smaller).
@@ -540,10 +540,10 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                     CatchUp::Done(last) => Some(last),
                     // Where the POS would be told to refetch, it asked for the open orders.
                     CatchUp::Resync(reason, since, head) if start.snapshot => {
-                        Some(self.snapshot(Some((reason, since, head))).await?)
+                        Some(Box::pin(self.snapshot(Some((reason, since, head)))).await?)
                     }
                     CatchUp::Resync(reason, since, head) => {
-                        Some(self.resync(reason, since, head).await?)
+                        Some(Box::pin(self.resync(reason, since, head)).await?)
                     }
                 }
             }
@@ -576,7 +576,7 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 warn!(error = %e, tenant = %self.tenant, "the open orders could not be read; sending resync_required instead");
                 let (reason, since, head) =
                     instead.unwrap_or((event::ResyncReason::Retention, 0, 0));
-                return self.resync(reason, since, head).await;
+                return Box::pin(self.resync(reason, since, head)).await;
             }
         };
         let fields = render::FieldMap::new(open.columns);
@@ -627,40 +627,51 @@ impl<S: Future<Output = ()>, K: Future<Output = ()>> SocketTask<'_, S, K> {
                 Flush::Idle => return Ok(false),
                 Flush::Blocked => return Ok(true),
                 Flush::Gone => return Err(DisconnectReason::Client),
+                // Rare (a rewound log, a hole): boxed, so the idle socket's task stays small.
                 Flush::Decide { id, frame, rewind } => {
-                    let last = self.conn.last_id();
-                    if rewind {
-                        // The log went backwards: a socket that was sent more than it now holds
-                        // is told so, and continues from the lower id.
-                        if let Some(frame) = frame.filter(|_| last.is_some_and(|last| last > id)) {
-                            self.write_frame(&frame).await?;
-                        }
-                        self.conn.go_live(Some(id));
-                        continue;
-                    }
-                    // A hole before this event (pruned before the listener read it): fill it
-                    // from the log, or tell the POS to resync; never skip silently.
-                    let mut last = match last {
-                        Some(last) => match Box::pin(self.catch_up(last)).await? {
-                            CatchUp::Done(last) => last,
-                            CatchUp::Resync(reason, since, head) => {
-                                self.resync(reason, since, head).await?
-                            }
-                        },
-                        None => id - 1,
-                    };
-                    if id > last {
-                        match frame {
-                            Some(frame) => self.write_event(id, &frame, false).await?,
-                            // A type this socket did not ask for: only its position moves.
-                            None => self.conn.wrote(id),
-                        }
-                        last = id;
-                    }
-                    self.conn.go_live(Some(last));
+                    Box::pin(self.decide(id, frame, rewind)).await?
                 }
             }
         }
+    }
+
+    /// Places an event the connection could not: after a rewind, the socket continues from the
+    /// lower id (told so when it was sent more); before an event after a hole (pruned before
+    /// the listener read it), the hole is filled from the log or the POS told to resync, never
+    /// skipped silently.
+    async fn decide(
+        &mut self,
+        id: i64,
+        frame: Option<Bytes>,
+        rewind: bool,
+    ) -> Result<(), DisconnectReason> {
+        let last = self.conn.last_id();
+        if rewind {
+            if let Some(frame) = frame.filter(|_| last.is_some_and(|last| last > id)) {
+                self.write_frame(&frame).await?;
+            }
+            self.conn.go_live(Some(id));
+            return Ok(());
+        }
+        let mut last = match last {
+            Some(last) => match Box::pin(self.catch_up(last)).await? {
+                CatchUp::Done(last) => last,
+                CatchUp::Resync(reason, since, head) => {
+                    Box::pin(self.resync(reason, since, head)).await?
+                }
+            },
+            None => id - 1,
+        };
+        if id > last {
+            match frame {
+                Some(frame) => self.write_event(id, &frame, false).await?,
+                // A type this socket did not ask for: only its position moves.
+                None => self.conn.wrote(id),
+            }
+            last = id;
+        }
+        self.conn.go_live(Some(last));
+        Ok(())
     }
 
     /// Reads what the POS sent and acts on each complete message.

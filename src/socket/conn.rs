@@ -463,8 +463,14 @@ impl Conn {
     }
 
     /// Waits until the socket may have bytes to read.
+    ///
+    /// Through the stream's read-waker slot (`poll_read_ready`), not `readable()`'s waiter
+    /// list: before the upgrade, hyper's connection task left its waker in that slot, and a
+    /// waker keeps its task's memory (about 1.4 KB, hyper's connection state) allocated although
+    /// the task has ended. Registering the socket task's own waker there, as the first idle wait
+    /// does, frees it: with `readable()` it stayed for the socket's whole life.
     pub async fn readable(&self) -> io::Result<()> {
-        self.stream.readable().await
+        std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await
     }
 
     /// Reads what has arrived, without waiting (`WouldBlock` when nothing has).
@@ -473,8 +479,12 @@ impl Conn {
     }
 
     /// Waits until the socket takes more bytes.
+    ///
+    /// Through the write-waker slot, as [`Conn::readable`] does and for the same reason. Only
+    /// the socket's own task waits here (the fan-out never waits), so the slot's one waker is
+    /// enough.
     pub(crate) async fn writable(&self) -> io::Result<()> {
-        self.stream.writable().await
+        std::future::poll_fn(|cx| self.stream.poll_write_ready(cx)).await
     }
 
     /// Resolves when there is something for the task to do: a frame queued, or a kick.

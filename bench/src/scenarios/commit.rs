@@ -88,6 +88,11 @@ impl ClientLogic for OrderClient {
             self.resyncs += 1;
             return;
         }
+        // Control frames carry the connection's position (`ready`: the last id sent), not an
+        // event: they are neither counted nor checked for order.
+        if matches!(kind, "ready" | "snapshot_end") {
+            return;
+        }
         let mut dup = false;
         if kind == "new_order" {
             let d = f
