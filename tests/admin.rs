@@ -249,12 +249,7 @@ async fn metrics_are_prometheus_text() {
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let text = reqwest::get(server.http("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&server).await;
         assert!(text.contains("# TYPE orderpush_connections gauge"));
         if text.contains("orderpush_events_total{origin=\"broadcast\",type=\"new_order\"} 1") {
             assert!(text.contains("orderpush_broadcasts_accepted_total 1"));

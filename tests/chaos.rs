@@ -334,12 +334,7 @@ async fn stall_report(
     tenant: &str,
     since: i64,
 ) -> String {
-    let metrics = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(server).await;
     let metrics: Vec<&str> = metrics
         .lines()
         .filter(|l| !l.starts_with('#') && (l.contains("listener") || l.contains("resumes")))

@@ -148,12 +148,7 @@ async fn every_wakeup_mode_delivers_every_event_in_order() {
         for w in writers {
             w.await.unwrap();
         }
-        let status: serde_json::Value = reqwest::get(server.http("/status/data"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, status) = get_json(&server, "/status/data", None).await;
         assert!(
             status.to_string().contains(&format!("\"{mode}\"")),
             "{mode}: {status}"
@@ -165,15 +160,7 @@ async fn every_wakeup_mode_delivers_every_event_in_order() {
 #[tokio::test]
 async fn a_changed_wakeup_mode_is_picked_up_while_running() {
     let OneTenant { db, key, server } = one_tenant("kitchen").await;
-    let mode = || async {
-        let status: serde_json::Value = reqwest::get(server.http("/status/data"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        status.to_string()
-    };
+    let mode = || async { get_json(&server, "/status/data", None).await.1.to_string() };
     assert!(mode().await.contains("\"gated\""), "the default");
     admin()
         .await

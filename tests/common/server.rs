@@ -189,12 +189,7 @@ pub(crate) async fn metric(server: &TestServer, series: &str) -> f64 {
 
 /// The value of one series in /metrics, or `None` when it is not rendered.
 pub(crate) async fn metric_opt(server: &TestServer, series: &str) -> Option<f64> {
-    let text = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(server).await;
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         l.strip_prefix(series)?
             .strip_prefix(' ')?
@@ -202,6 +197,16 @@ pub(crate) async fn metric_opt(server: &TestServer, series: &str) -> Option<f64>
             .parse()
             .ok()
     })
+}
+
+/// The whole /metrics exposition.
+pub(crate) async fn metrics_text(server: &TestServer) -> String {
+    reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// GET with an optional `Authorization` header: (status, body as JSON or Null).
