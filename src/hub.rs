@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::periodic::Periodic;
-use crate::socket::{Conn, Kick, Offered, QueueBounds, wire};
+/// Most frames [`Hub::publish_run`] takes at once.
+pub(crate) use crate::socket::MAX_RUN_FRAMES;
+use crate::socket::{Conn, Kick, Offered, QueueBounds, Run, wire};
 
 /// One rendered event, its WebSocket frame encoded once and shared by every socket that sends
 /// it (cloning is a reference count).
@@ -396,11 +398,20 @@ impl Hub {
         }
     }
 
-    /// Offers a frame to every socket of the tenant and remembers it for resumes. A socket that
-    /// cannot take it (its queue is full) is kicked as a slow consumer instead of being waited
-    /// for. Returns once every socket has been offered the frame, so the next event of the
-    /// tenant is offered after it, to every socket.
+    /// Offers a frame to every socket of the tenant and remembers it for resumes: a run of one.
+    #[cfg(test)]
     pub(crate) async fn publish(&self, tenant: &str, frame: &Frame) -> Delivery {
+        self.publish_run(tenant, std::slice::from_ref(frame)).await[0]
+    }
+
+    /// Offers consecutive event frames of one tenant (at most [`MAX_RUN_FRAMES`], in id order)
+    /// to every socket of the tenant and remembers them for resumes; returns what became of
+    /// each frame, in order. A socket that has room takes the whole run with one write (see
+    /// [`Run`]). A socket that cannot take a frame (its queue is full) is kicked as a slow
+    /// consumer instead of being waited for. Returns once every socket has been offered every
+    /// frame, so the tenant's next events are offered after these, to every socket.
+    pub(crate) async fn publish_run(&self, tenant: &str, frames: &[Frame]) -> Vec<Delivery> {
+        debug_assert!(frames.len() <= MAX_RUN_FRAMES && frames.iter().all(|f| !f.rewind));
         let state = {
             let mut map = lock(&self.tenants);
             match map.get(tenant) {
@@ -410,21 +421,24 @@ impl Hub {
         };
         let targets = {
             let mut t = lock(&state);
-            t.remember(frame);
+            for frame in frames {
+                t.remember(frame);
+            }
             t.targets()
         };
-        let delivery = if targets.len() < PARALLEL_FANOUT_MIN {
-            offer_all(&targets, frame, self.bounds)
+        let deliveries = if targets.len() < PARALLEL_FANOUT_MIN {
+            offer_all(&targets, frames, self.bounds)
         } else {
-            fan_out_in_parallel(targets, frame, self.bounds).await
+            fan_out_in_parallel(targets, frames, self.bounds).await
         };
+        let direct: usize = deliveries.iter().map(|d| d.direct).sum();
         self.metrics
             .frames_sent
-            .fetch_add(delivery.direct as u64, Ordering::Relaxed);
+            .fetch_add(direct as u64, Ordering::Relaxed);
         self.metrics
             .frames_direct
-            .fetch_add(delivery.direct as u64, Ordering::Relaxed);
-        delivery
+            .fetch_add(direct as u64, Ordering::Relaxed);
+        deliveries
     }
 
     /// Ids of the keys behind the connected sockets (deduplicated).
@@ -512,36 +526,42 @@ impl Hub {
     }
 }
 
-/// Offers `frame` to each connection in turn.
-fn offer_all(conns: &[Arc<Conn>], frame: &Frame, bounds: QueueBounds) -> Delivery {
-    let mut delivery = Delivery::default();
+/// Offers `frames` (one run) to each connection in turn; what became of each frame.
+fn offer_all(conns: &[Arc<Conn>], frames: &[Frame], bounds: QueueBounds) -> Vec<Delivery> {
+    let run = Run::new(frames.iter().map(|f| (f.id, &*f.kind, &f.wire)));
+    let mut deliveries = vec![Delivery::default(); frames.len()];
+    // One buffer for every connection's outcomes: nothing is allocated per socket.
+    let mut outcomes = Vec::with_capacity(frames.len());
     for conn in conns {
-        match conn.offer(frame.id, &frame.kind, &frame.wire, frame.rewind, bounds) {
-            Offered::Written => {
-                delivery.sent += 1;
-                delivery.direct += 1;
+        conn.offer_run(&run, bounds, &mut outcomes);
+        for (delivery, offered) in deliveries.iter_mut().zip(&outcomes) {
+            match offered {
+                Offered::Written => {
+                    delivery.sent += 1;
+                    delivery.direct += 1;
+                }
+                // Considered, not for this socket (it asked for other types).
+                Offered::Skipped => {}
+                Offered::Queued => delivery.sent += 1,
+                Offered::TooSlow => {
+                    conn.fire(Kick::SlowConsumer);
+                    delivery.failed += 1;
+                }
+                Offered::Gone => {}
             }
-            // Considered, not for this socket (it asked for other types).
-            Offered::Skipped => {}
-            Offered::Queued => delivery.sent += 1,
-            Offered::TooSlow => {
-                conn.fire(Kick::SlowConsumer);
-                delivery.failed += 1;
-            }
-            Offered::Gone => {}
         }
     }
-    delivery
+    deliveries
 }
 
-/// Offers `frame` to a large tenant's connections in one chunk per runtime worker, all at
+/// Offers `frames` to a large tenant's connections in one chunk per runtime worker, all at
 /// once: the current thread takes the first chunk, a task per other worker the rest, and the
 /// call returns when every chunk is done (so events of a tenant never overtake each other).
 async fn fan_out_in_parallel(
     targets: Arc<[Arc<Conn>]>,
-    frame: &Frame,
+    frames: &[Frame],
     bounds: QueueBounds,
-) -> Delivery {
+) -> Vec<Delivery> {
     let workers = tokio::runtime::Handle::current()
         .metrics()
         .num_workers()
@@ -550,19 +570,22 @@ async fn fan_out_in_parallel(
     let mut others = tokio::task::JoinSet::new();
     for start in (chunk..targets.len()).step_by(chunk) {
         let targets = Arc::clone(&targets);
-        let frame = frame.clone();
+        // Clones share the frames' bytes (reference counts).
+        let frames = frames.to_vec();
         others.spawn(async move {
             let end = (start + chunk).min(targets.len());
-            offer_all(&targets[start..end], &frame, bounds)
+            offer_all(&targets[start..end], &frames, bounds)
         });
     }
-    let mut delivery = offer_all(&targets[..chunk.min(targets.len())], frame, bounds);
+    let mut deliveries = offer_all(&targets[..chunk.min(targets.len())], frames, bounds);
     while let Some(done) = others.join_next().await {
         if let Ok(part) = done {
-            delivery.add(part);
+            for (delivery, other) in deliveries.iter_mut().zip(part) {
+                delivery.add(other);
+            }
         }
     }
-    delivery
+    deliveries
 }
 
 /// Runs [`Hub::check_drains`] every [`DRAIN_CHECK_INTERVAL`] (or a quarter of a shortened

@@ -23,7 +23,7 @@ use crate::db::sequencer::BATCH_CHANNEL;
 use crate::db::wakeup::{ModeQuery, WakeupMode};
 use crate::db::{self, DbError};
 use crate::event::{Event, TENANT_RESET};
-use crate::hub::{Frame, Hub};
+use crate::hub::{Frame, Hub, MAX_RUN_FRAMES};
 use crate::metrics::Metrics;
 
 /// Rows per read: bounds memory after a long outage; the scan loops until caught up.
@@ -381,10 +381,22 @@ impl Listener {
                 .listener_rows
                 .fetch_add(rows.len() as u64, Ordering::Relaxed);
             delivered += rows.len();
+            // Consecutive events of one tenant are published as one run: a socket with room
+            // takes them with one write (docs/architecture.md, "Fan-out").
+            let mut run: Vec<(Event, Frame)> = Vec::new();
             for (position, gid, event) in rows {
                 self.position = position;
-                self.deliver(event, gid).await;
+                let joins_run = run.last().is_some_and(|(last, _)| {
+                    last.tenant == event.tenant && run.len() < MAX_RUN_FRAMES
+                });
+                if !joins_run {
+                    self.publish(&mut run).await;
+                }
+                if let Some(frame) = self.accept(&event, gid) {
+                    run.push((event, frame));
+                }
             }
+            self.publish(&mut run).await;
             if !full {
                 self.health.read_completed();
                 return Ok(delivered);
@@ -435,14 +447,18 @@ impl Listener {
         Ok(())
     }
 
-    async fn deliver(&mut self, event: Event, gid: Option<i64>) {
+    /// Takes an event read from the log in order: its bookkeeping (the tenant's last id, the
+    /// /broadcast caller waiting for its id, metrics) and its frame, to be published; `None`
+    /// for a marker that is not sent (a tenant created again, handled here).
+    fn accept(&mut self, event: &Event, gid: Option<i64>) -> Option<Frame> {
         if event.id == 0 && event.kind == TENANT_RESET {
             // A tenant deleted and created again under its slug: its log starts over, and
-            // nothing of the previous restaurant may be served from memory.
+            // nothing of the previous restaurant may be served from memory. (The run before it
+            // is of another tenant or already published: a run never spans a marker.)
             self.hub.rewind(&event.tenant, 0);
             self.last_ids.insert(Arc::clone(&event.tenant), 0);
             info!(tenant = %event.tenant, "tenant created again: its event log starts over");
-            return;
+            return None;
         }
         let last = self.last_ids.entry(Arc::clone(&event.tenant)).or_insert(0);
         if event.id != *last + 1 {
@@ -460,9 +476,25 @@ impl Listener {
                 .duration_since(event.emitted_at)
                 .unwrap_or_default(),
         );
-        let frame = Frame::event(event.id, &event.kind, &event.to_frame(), event.emitted_at);
-        let delivery = self.hub.publish(&event.tenant, &frame).await;
-        self.alert.published(&event, delivery.sent, delivery.failed);
+        Some(Frame::event(
+            event.id,
+            &event.kind,
+            &event.to_frame(),
+            event.emitted_at,
+        ))
+    }
+
+    /// Publishes a run of one tenant's events (emptying it) and reports each delivery.
+    async fn publish(&mut self, run: &mut Vec<(Event, Frame)>) {
+        let Some((first, _)) = run.first() else {
+            return;
+        };
+        let tenant = Arc::clone(&first.tenant);
+        let (events, frames): (Vec<Event>, Vec<Frame>) = run.drain(..).unzip();
+        let deliveries = self.hub.publish_run(&tenant, &frames).await;
+        for (event, delivery) in events.iter().zip(deliveries) {
+            self.alert.published(event, delivery.sent, delivery.failed);
+        }
     }
 }
 

@@ -11,4 +11,6 @@ pub mod conn;
 pub mod handshake;
 pub mod wire;
 
-pub(crate) use conn::{Conn, DeliveryLog, Flush, Kick, Offered, QueueBounds, TypeFilter};
+pub(crate) use conn::{
+    Conn, DeliveryLog, Flush, Kick, MAX_RUN_FRAMES, Offered, QueueBounds, Run, TypeFilter,
+};
