@@ -26,6 +26,19 @@ async fn frame(pos: &mut Pos) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The `order_snapshot` frames up to `snapshot_end`, and that frame; any other type fails.
+async fn read_snapshot(pos: &mut Pos) -> (Vec<Value>, Value) {
+    let mut orders = Vec::new();
+    loop {
+        let f = frame(pos).await;
+        match f["type"].as_str() {
+            Some("order_snapshot") => orders.push(f),
+            Some("snapshot_end") => return (orders, f),
+            other => panic!("unexpected {other:?}: {f}"),
+        }
+    }
+}
+
 /// Inserts an order (with one item) in status `status`, created `age_hours` ago.
 async fn order(c: &tokio_postgres::Client, number: &str, status: &str, age_hours: f64) -> String {
     c.query_one(
@@ -129,35 +142,29 @@ async fn a_snapshot_sends_exactly_the_open_orders_then_live_events() {
 
     let mut pos = Pos::join(&server, "kitchen", &key, "?snapshot=open").await;
     let mut got = HashSet::new();
-    loop {
-        let f = frame(&mut pos).await;
+    let (orders, end) = read_snapshot(&mut pos).await;
+    for f in orders.iter().chain([&end]) {
         assert_eq!(
             f["id"], head,
             "every snapshot frame carries the snapshot's id: {f}"
         );
-        match f["type"].as_str() {
-            Some("order_snapshot") => {
-                let status = f["data"]["status"].as_str().unwrap();
-                assert!(!matches!(status, "completed" | "cancelled"), "{f}");
-                assert_eq!(f["data"]["items"][0]["name"], "Soup");
-                for k in [
-                    "orderId",
-                    "orderNumber",
-                    "customerName",
-                    "totalAmount",
-                    "createdAt",
-                ] {
-                    assert!(f["data"].get(k).is_some(), "{k} in {f}");
-                }
-                assert!(got.insert(f["data"]["orderId"].as_str().unwrap().to_owned()));
-            }
-            Some("snapshot_end") => {
-                assert_eq!(f["complete"], true);
-                break;
-            }
-            other => panic!("unexpected {other:?}: {f}"),
-        }
     }
+    for f in &orders {
+        let status = f["data"]["status"].as_str().unwrap();
+        assert!(!matches!(status, "completed" | "cancelled"), "{f}");
+        assert_eq!(f["data"]["items"][0]["name"], "Soup");
+        for k in [
+            "orderId",
+            "orderNumber",
+            "customerName",
+            "totalAmount",
+            "createdAt",
+        ] {
+            assert!(f["data"].get(k).is_some(), "{k} in {f}");
+        }
+        assert!(got.insert(f["data"]["orderId"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(end["complete"], true);
     assert_eq!(got, open, "exactly the open orders");
     let ready = frame(&mut pos).await;
     assert_eq!(
@@ -207,20 +214,17 @@ async fn writes_racing_a_snapshot_are_never_lost() {
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let mut pos = Pos::join(&server, "kitchen", &key, "?snapshot=open").await;
-        let mut state = HashMap::new();
-        loop {
-            let f = frame(&mut pos).await;
-            match f["type"].as_str() {
-                Some("order_snapshot") => {
-                    state.insert(
-                        f["data"]["orderId"].as_str().unwrap().to_owned(),
-                        f["data"]["status"].as_str().unwrap().to_owned(),
-                    );
-                }
-                Some("snapshot_end") => break,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let state: HashMap<String, String> = read_snapshot(&mut pos)
+            .await
+            .0
+            .iter()
+            .map(|f| {
+                (
+                    f["data"]["orderId"].as_str().unwrap().to_owned(),
+                    f["data"]["status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
         states.push(state);
         sockets.push(pos);
     }
@@ -276,15 +280,8 @@ async fn a_snapshot_past_either_bound_says_it_is_incomplete() {
         .start()
         .await;
     let mut pos = Pos::join(&few, "kitchen", &key, "?snapshot=open").await;
-    let mut orders = 0;
-    let end = loop {
-        let f = frame(&mut pos).await;
-        if f["type"] == "snapshot_end" {
-            break f;
-        }
-        orders += 1;
-    };
-    assert_eq!((orders, &end["complete"]), (4, &Value::Bool(false)));
+    let (orders, end) = read_snapshot(&mut pos).await;
+    assert_eq!((orders.len(), &end["complete"]), (4, &Value::Bool(false)));
     few.stop().await;
 
     // Big orders: 3 of 300 KB fit in 1 MiB, the fourth does not.
@@ -299,15 +296,8 @@ async fn a_snapshot_past_either_bound_says_it_is_incomplete() {
         .start()
         .await;
     let mut pos = Pos::join(&small, "kitchen", &key, "?snapshot=open").await;
-    let mut orders = 0;
-    let end = loop {
-        let f = frame(&mut pos).await;
-        if f["type"] == "snapshot_end" {
-            break f;
-        }
-        orders += 1;
-    };
-    assert_eq!((orders, &end["complete"]), (3, &Value::Bool(false)));
+    let (orders, end) = read_snapshot(&mut pos).await;
+    assert_eq!((orders.len(), &end["complete"]), (3, &Value::Bool(false)));
 }
 
 #[tokio::test]
@@ -411,17 +401,12 @@ async fn a_type_filter_sends_only_those_types_without_false_resyncs() {
 /// The open orders' numbers in one snapshot, sorted.
 async fn snapshot_numbers(server: &TestServer, key: &str) -> Vec<String> {
     let mut pos = Pos::join(server, "kitchen", key, "?snapshot=open").await;
-    let mut numbers = Vec::new();
-    loop {
-        let f = frame(&mut pos).await;
-        match f["type"].as_str() {
-            Some("order_snapshot") => {
-                numbers.push(f["data"]["orderNumber"].as_str().unwrap().to_owned())
-            }
-            Some("snapshot_end") => break,
-            _ => panic!("unexpected frame {f}"),
-        }
-    }
+    let mut numbers: Vec<String> = read_snapshot(&mut pos)
+        .await
+        .0
+        .iter()
+        .map(|f| f["data"]["orderNumber"].as_str().unwrap().to_owned())
+        .collect();
     numbers.sort();
     numbers
 }
