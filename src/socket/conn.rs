@@ -278,16 +278,8 @@ impl Conn {
                     return Offered::Written;
                 }
                 Ok(n) => {
-                    // Part of it fits: the task writes the rest, and everything after it.
-                    out.last_id = Some(id);
                     self.writes.fetch_add(1, Ordering::Relaxed);
-                    out.direct = false;
-                    out.queued_bytes += frame.len();
-                    out.head_written = n;
-                    out.queue.push_back(Pending {
-                        bytes: frame.clone(),
-                        what: What::Event(id),
-                    });
+                    Self::queue_partly_written(&mut out, id, frame, n);
                     drop(out);
                     self.wake.notify_one();
                     return Offered::Queued;
@@ -378,16 +370,7 @@ impl Conn {
                 written_in_full = Some(id);
                 Offered::Written
             } else if taken > 0 {
-                // Its first bytes are out: it is the socket's position, the task writes the rest
-                // (as a partial direct write of a single frame does).
-                out.last_id = Some(id);
-                out.direct = false;
-                out.head_written = taken;
-                out.queued_bytes += frame.len();
-                out.queue.push_back(Pending {
-                    bytes: frame.clone(),
-                    what: What::Event(id),
-                });
+                Self::queue_partly_written(&mut out, id, frame, taken);
                 taken = 0;
                 queued = true;
                 Offered::Queued
@@ -406,6 +389,22 @@ impl Conn {
         if queued {
             self.wake.notify_one();
         }
+    }
+
+    /// Event `id`'s frame went out directly up to byte `written` (not all of it): its first
+    /// bytes are out, so it is the socket's position, and the task writes the rest, and
+    /// everything after it. The queue is empty before it (direct writes only happen then), so it
+    /// takes it whatever its size. The caller wakes the task.
+    fn queue_partly_written(out: &mut Out, id: i64, frame: &Bytes, written: usize) {
+        debug_assert!(out.queue.is_empty() && 0 < written && written < frame.len());
+        out.last_id = Some(id);
+        out.direct = false;
+        out.head_written = written;
+        out.queued_bytes += frame.len();
+        out.queue.push_back(Pending {
+            bytes: frame.clone(),
+            what: What::Event(id),
+        });
     }
 
     /// Queues `frame` for the socket's task, within `bounds`; the caller wakes the task.
