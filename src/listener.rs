@@ -386,9 +386,12 @@ impl Listener {
             let mut run: Vec<(Event, Frame)> = Vec::new();
             for (position, gid, event) in rows {
                 self.position = position;
-                let joins_run = run.last().is_some_and(|(last, _)| {
-                    last.tenant == event.tenant && run.len() < MAX_RUN_FRAMES
-                });
+                // A marker ends the run before it: what it does to the hub must follow the
+                // frames read before it.
+                let joins_run = !is_tenant_reset(&event)
+                    && run.last().is_some_and(|(last, _)| {
+                        last.tenant == event.tenant && run.len() < MAX_RUN_FRAMES
+                    });
                 if !joins_run {
                     self.publish(&mut run).await;
                 }
@@ -451,10 +454,10 @@ impl Listener {
     /// /broadcast caller waiting for its id, metrics) and its frame, to be published; `None`
     /// for a marker that is not sent (a tenant created again, handled here).
     fn accept(&mut self, event: &Event, gid: Option<i64>) -> Option<Frame> {
-        if event.id == 0 && event.kind == TENANT_RESET {
+        if is_tenant_reset(event) {
             // A tenant deleted and created again under its slug: its log starts over, and
             // nothing of the previous restaurant may be served from memory. (The run before it
-            // is of another tenant or already published: a run never spans a marker.)
+            // was published first: a run never spans a marker.)
             self.hub.rewind(&event.tenant, 0);
             self.last_ids.insert(Arc::clone(&event.tenant), 0);
             info!(tenant = %event.tenant, "tenant created again: its event log starts over");
@@ -496,6 +499,11 @@ impl Listener {
             self.alert.published(event, delivery.sent, delivery.failed);
         }
     }
+}
+
+/// The marker the sequencer writes when a tenant is created again under its slug.
+fn is_tenant_reset(event: &Event) -> bool {
+    event.id == 0 && event.kind == TENANT_RESET
 }
 
 /// Any listener query, bounded by [`db::QUERY_TIMEOUT`]: slower means a dead or wedged
