@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::protocol::Message;
 
 use crate::common::*;
 
@@ -178,24 +176,11 @@ async fn a_peer_that_stops_reading_with_a_big_frame_pending_is_closed_with_1013(
     )
     .await;
     // It reads again at last: what was pending, intact and in order, then close 1013.
-    let mut ids = Vec::new();
-    let code = loop {
-        match tokio::time::timeout(WAIT, stalled.ws.next())
-            .await
-            .expect("a frame or a close")
-        {
-            Some(Ok(Message::Text(t))) if is_ready(&t) => {}
-            Some(Ok(Message::Text(t))) => {
-                let ev: Value = serde_json::from_str(&t).unwrap();
-                ids.push(ev["id"].as_i64().unwrap());
-                let id = ids.len() as i64;
-                assert_order(&ev, id, &format!("BIG-{id}"), &big);
-            }
-            Some(Ok(Message::Close(c))) => break c.map(|c| u16::from(c.code)),
-            Some(Ok(_)) => {}
-            None | Some(Err(_)) => break None,
-        }
-    };
+    let (events, code) = stalled.events_until_close().await;
+    for (ev, id) in events.iter().zip(1..) {
+        assert_order(ev, id, &format!("BIG-{id}"), &big);
+    }
+    let ids: Vec<i64> = events.iter().map(|ev| ev["id"].as_i64().unwrap()).collect();
     assert_eq!(
         code,
         Some(1013),

@@ -4,10 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::protocol::Message;
 
 use crate::common::*;
 
@@ -92,23 +90,11 @@ async fn a_slow_consumer_gets_1013_while_a_fast_one_gets_everything_then_resumes
     }
 
     // The slow client reads again: what was buffered before the cut, then close 1013.
-    let mut last = 0;
-    let code = loop {
-        match tokio::time::timeout(WAIT, slow.ws.next())
-            .await
-            .expect("a frame or a close")
-        {
-            Some(Ok(Message::Text(t))) if is_ready(&t) => {}
-            Some(Ok(Message::Text(t))) => {
-                let ev: Value = serde_json::from_str(&t).unwrap();
-                assert_eq!(ev["id"].as_i64(), Some(last + 1), "in order up to the cut");
-                last += 1;
-            }
-            Some(Ok(Message::Close(c))) => break c.map(|c| u16::from(c.code)),
-            Some(Ok(_)) => {}
-            None | Some(Err(_)) => break None,
-        }
-    };
+    let (events, code) = slow.events_until_close().await;
+    for (ev, id) in events.iter().zip(1..) {
+        assert_eq!(ev["id"].as_i64(), Some(id), "in order up to the cut");
+    }
+    let last = events.len() as i64;
     assert_eq!(
         code,
         Some(1013),

@@ -98,6 +98,26 @@ impl Pos {
         }
     }
 
+    /// Every event frame until the socket closes (`ready` skipped), parsed, and the close code
+    /// (None if the stream just ended). Panics if nothing arrives for [`WAIT`].
+    pub(crate) async fn events_until_close(&mut self) -> (Vec<Value>, Option<u16>) {
+        let mut events = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame or a close")
+            {
+                Some(Ok(Message::Text(t))) if is_ready(&t) => {}
+                Some(Ok(Message::Text(t))) => {
+                    events.push(serde_json::from_str(&t).expect("frame is JSON"))
+                }
+                Some(Ok(Message::Close(c))) => return (events, c.map(|c| u16::from(c.code))),
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return (events, None),
+            }
+        }
+    }
+
     /// Reads until a close frame arrives; returns its code (None if the stream just ended).
     pub(crate) async fn close_code(&mut self, d: Duration) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + d;
