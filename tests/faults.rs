@@ -51,13 +51,7 @@ async fn a_listener_killed_again_and_again_loses_nothing_and_readyz_follows_it()
         tokio::time::sleep(Duration::from_millis(300)).await;
         listener_back(&admin, &db.name).await;
         if round % 2 == 0 {
-            admin
-                .batch_execute(&format!(
-                    "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-                    db.name
-                ))
-                .await
-                .unwrap();
+            allow_connections(&admin, &db.name, false).await;
             kills += kill_listeners(&admin, &db.name).await;
             // docs/reliability.md, "Failure modes": noticed within 10 s.
             eventually(
@@ -67,13 +61,7 @@ async fn a_listener_killed_again_and_again_loses_nothing_and_readyz_follows_it()
             )
             .await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            admin
-                .batch_execute(&format!(
-                    "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-                    db.name
-                ))
-                .await
-                .unwrap();
+            allow_connections(&admin, &db.name, true).await;
             eventually(
                 "/readyz is 200 again after catch-up",
                 Duration::from_secs(30),
@@ -169,13 +157,7 @@ async fn readyz_reports_a_lost_listener() {
     let server = TestServer::builder(&db).start().await;
     let admin = admin().await;
     // Refuse new connections to this database, then kill the listener: it cannot come back.
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-            db.name
-        ))
-        .await
-        .unwrap();
+    allow_connections(&admin, &db.name, false).await;
     for pid in listener_pids(&admin, &db.name).await {
         admin
             .execute("SELECT pg_terminate_backend($1)", &[&pid])
@@ -204,13 +186,7 @@ async fn readyz_reports_a_lost_listener() {
         200,
         "the process is still up"
     );
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            db.name
-        ))
-        .await
-        .unwrap();
+    allow_connections(&admin, &db.name, true).await;
     server.wait_ready().await;
 }
 

@@ -760,8 +760,7 @@ async fn while_the_database_is_unreachable_keys_not_verified_recently_get_503_ne
 
     // The database refuses every connection, and the service's are cut.
     let admin = admin().await;
-    let block = |allow: bool| format!("ALTER DATABASE {} ALLOW_CONNECTIONS {allow}", db.name);
-    admin.batch_execute(&block(false)).await.unwrap();
+    allow_connections(&admin, &db.name, false).await;
     admin
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
@@ -795,7 +794,7 @@ async fn while_the_database_is_unreachable_keys_not_verified_recently_get_503_ne
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    admin.batch_execute(&block(true)).await.unwrap();
+    allow_connections(&admin, &db.name, true).await;
     eventually("keys are verified again", WAIT, || async {
         attempt(&server, "/ws/pos/kitchen", &[&cached]).await.0 == 101
     })

@@ -12,6 +12,17 @@ pub(crate) async fn admin() -> tokio_postgres::Client {
     connect(&admin_url().parse().unwrap()).await
 }
 
+/// Lets the database take new connections or refuses them all (`ALTER DATABASE … ALLOW_CONNECTIONS`),
+/// through an `admin` connection; sessions already open are not touched.
+pub(crate) async fn allow_connections(admin: &tokio_postgres::Client, database: &str, allow: bool) {
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {database} ALLOW_CONNECTIONS {allow}"
+        ))
+        .await
+        .unwrap();
+}
+
 /// Where the tests create their databases: an admin connection to an existing database.
 pub(crate) fn admin_url() -> String {
     std::env::var("ORDERPUSH_TEST_DATABASE_URL")
