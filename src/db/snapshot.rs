@@ -58,8 +58,10 @@ async fn read(
         .get(0);
     let rows = client
         .query(
-            "SELECT to_jsonb(o)::text,
-                    coalesce((SELECT jsonb_agg(to_jsonb(i) ORDER BY i.id)
+            // Printed the way the sequencer prints a `new_order` (db/sequencer.rs), so a
+            // snapshot renders an order exactly as its live event did.
+            "SELECT to_json(o)::text,
+                    coalesce((SELECT json_agg(i ORDER BY i.id)
                               FROM public.order_items i WHERE i.order_id = o.id), '[]')::text
              FROM public.orders o
              WHERE o.tenant_slug = $1
