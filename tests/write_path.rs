@@ -498,3 +498,39 @@ async fn an_undecodable_row_becomes_bad_event_and_the_server_keeps_serving() {
     insert_loyalty(&c, "kitchen", 2).await;
     assert_eq!(resumed.next().await["id"], 2, "then live");
 }
+
+#[tokio::test]
+async fn vacuum_never_truncates_the_staging_table_so_the_apps_writes_never_wait_for_it() {
+    let db = TestDb::create().await;
+    db.tenant("kitchen").await;
+    let c = db.client().await;
+    // 2,000 staged writes, then taken the way the sequencer takes them: the table's tail pages
+    // are empty, which is what VACUUM would hand back to the operating system.
+    c.execute(
+        "INSERT INTO orders (tenant_slug, order_number, customer_name, customer_phone, order_type,
+                             order_source, status, total_amount)
+         SELECT 'kitchen', 'bulk-' || g, 'Ann', '0770', 'delivery', 'online', 'new', 10.00
+         FROM generate_series(1, 2000) AS g",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute("DELETE FROM orderpush.staged", &[])
+        .await
+        .unwrap();
+    let size = async || -> i64 {
+        c.query_one("SELECT pg_relation_size('orderpush.staged')", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let before = size().await;
+    assert!(before > 0, "the staged rows took space");
+    c.batch_execute("VACUUM orderpush.staged").await.unwrap();
+    assert_eq!(
+        size().await,
+        before,
+        "VACUUM truncated the staging table: it took the ACCESS EXCLUSIVE lock that the \
+         application's INSERTs (through the trigger) wait behind"
+    );
+}

@@ -1,0 +1,14 @@
+-- The staging table is never truncated by VACUUM (docs/dba.md, orderpush.staged).
+--
+-- A queue table's tail pages are often empty: the sequencer deletes every row it numbers. VACUUM
+-- (the sequencer's own, every second or so under load, and autovacuum's) then tries to give those
+-- pages back to the operating system, which needs an ACCESS EXCLUSIVE lock on the table. The
+-- application's INSERT (inside its own transaction, through the trigger) waits behind that lock
+-- until VACUUM notices it (up to 20 ms per attempt); and while writers keep the table busy, VACUUM
+-- retries the lock for up to 5 s, holding up the sequencer that runs it (measured: 0.4-0.7 s per
+-- VACUUM at 32 writers, every batch meanwhile delayed). The few empty pages are reused by the
+-- next inserts anyway.
+--
+-- SET (...) on a table takes a SHARE UPDATE EXCLUSIVE lock: it waits for a running VACUUM, never
+-- for the application's writes, which keep going.
+ALTER TABLE orderpush.staged SET (vacuum_truncate = false);
