@@ -202,8 +202,7 @@ impl SequencerQueries {
                     "SELECT o.id::text, to_json(o)::text,
                             coalesce((SELECT json_agg(i ORDER BY i.id)
                                       FROM public.order_items i WHERE i.order_id = o.id), '[]')::text
-                     FROM unnest($1::text[]::uuid[]) AS k(id)
-                     JOIN public.orders o ON o.id = k.id",
+                     FROM public.orders o WHERE o.id = ANY($1::text[]::uuid[])",
                 )
                 .await?,
             tenants: client
